@@ -1,0 +1,68 @@
+# lmforge — the front door. On a fresh machine: `make demo` and `make test` set everything up first.
+#   make setup      .venv with torch + lmforge pinned to constraints.txt (rerun only when they change)
+#   make test       the default test suite (CPU, no network)
+#   make demo       the pipeline on the tiny recipes; prints where the outputs are
+#   make <stage>    one stage on its tiny recipe: data pretrain finetune ...
+#   make bench      benchmarks (print ratios against a baseline run in the same process)
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.lmforge-setup
+# The CPU build of torch lies on this machine's disk; GPU users: make setup TORCH_SPEC='torch==2.13.0' with
+# their own index, or install torch first and set TORCH_SPEC= (empty) to keep it.
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= dev,deepspeed,data
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+# DeepSpeed JIT-builds its C++ ops once per machine; keep them in the repo's ignored cache.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export LMFORGE_CACHE ?= $(CURDIR)/.cache/lmforge
+
+.PHONY: setup test test-slow test-layouts test-all lint demo data pretrain finetune distill quantize evaluate bench constraints clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	if [ -n "$(TORCH_SPEC)" ]; then $(BIN)/python -m pip install -q "$(TORCH_SPEC)"; fi
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+# Refresh the pins after a deliberate upgrade (then run make test and commit constraints.txt).
+constraints: setup
+	$(BIN)/python -m pip freeze --exclude-editable | grep -viE '^(torch|nvidia-|triton)' > constraints.txt
+
+test: setup
+	$(BIN)/python -m pytest -q -m "not slow and not gpu" tests
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m "slow" tests
+
+test-layouts: setup
+	$(BIN)/python -m pytest -q -m "layouts" tests
+
+test-all: setup
+	$(BIN)/python -m pytest -q tests
+
+lint: setup
+	$(BIN)/ruff check src tests bench scripts
+
+demo: setup
+	$(BIN)/lmforge pretrain recipes/tiny/pretrain.yaml overwrite=true
+
+data: setup
+	$(BIN)/lmforge data recipes/tiny/data.yaml overwrite=true
+
+pretrain: setup
+	$(BIN)/lmforge pretrain recipes/tiny/pretrain.yaml overwrite=true
+
+finetune: setup
+	$(BIN)/lmforge finetune recipes/tiny/finetune_lora.yaml overwrite=true
+
+bench: setup
+	for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+
+clean:
+	rm -rf outputs .pytest_cache .ruff_cache

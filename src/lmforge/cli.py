@@ -1,0 +1,131 @@
+"""`lmforge <command> ...`: one entry point for every stage and tool.
+
+Stages take a recipe and overrides: ``lmforge pretrain recipes/tiny/pretrain.yaml optim.learning_rate=1e-3``.
+Their modules define a root recipe dataclass ``Config`` and ``main(cfg)``. Tools (``check``, ``plan``,
+``schedule``, ...) parse their own arguments: their modules define ``cli(argv) -> int | None``.
+
+A user mistake (``UserError``) prints its lines on stderr and exits with code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import sys
+from collections.abc import Callable
+
+from lmforge.config import UserError, describe, load, read_yaml
+
+# stage name -> module with `Config` and `main(cfg)`
+STAGES: dict[str, str] = {
+    "data": "lmforge.stages.data",
+    "pretrain": "lmforge.stages.pretrain",
+    "finetune": "lmforge.stages.finetune",
+    "distill": "lmforge.stages.distill",
+    "quantize": "lmforge.stages.quantize",
+    "evaluate": "lmforge.stages.evaluate",
+}
+
+# tool name -> "module:function" taking argv
+TOOLS: dict[str, str] = {
+    "check": "lmforge.cli:check_cli",
+    "plan": "lmforge.stages.plan:cli",
+    "schedule": "lmforge.optim.schedules:cli",
+    "sweep": "lmforge.sweep:cli",
+    "lr-find": "lmforge.lr_find:cli",
+    "export": "lmforge.stages.finetune:export_cli",
+    "generate": "lmforge.generate:cli",
+}
+
+USAGE = """usage: lmforge <command> [args]
+
+stages (lmforge <stage> RECIPE.yaml [key.path=value ...]):
+  {stages}
+tools:
+  {tools}
+
+`lmforge <command> --help` describes one command (for a stage: every recipe key)."""
+
+
+def _usage() -> str:
+    return USAGE.format(stages=", ".join(STAGES), tools=", ".join(TOOLS))
+
+
+def _import_stage(name: str):
+    try:
+        return importlib.import_module(STAGES[name])
+    except ModuleNotFoundError as e:
+        if e.name and STAGES[name].startswith(e.name):
+            raise UserError(f"stage '{name}' is not available in this version of lmforge") from None
+        raise
+
+
+def _import_tool(name: str) -> Callable[[list[str]], int | None]:
+    module, _, func = TOOLS[name].partition(":")
+    try:
+        return getattr(importlib.import_module(module), func)
+    except (ModuleNotFoundError, AttributeError) as e:
+        if isinstance(e, AttributeError) or (e.name and module.startswith(e.name)):
+            raise UserError(f"command '{name}' is not available in this version of lmforge") from None
+        raise
+
+
+def run_stage(name: str, argv: list[str]) -> int:
+    module = _import_stage(name)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: lmforge {name} RECIPE.yaml [key.path=value ...]\n\nrecipe keys:")
+        print("\n".join(describe(module.Config)))
+        return 0 if argv else 2
+    recipe, overrides = argv[0], argv[1:]
+    cfg = load(module.Config, recipe, overrides)
+    module.main(cfg)
+    return 0
+
+
+def check_cli(argv: list[str]) -> int:
+    """`lmforge check RECIPE.yaml [overrides]`: validate a recipe without running it."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: lmforge check RECIPE.yaml [key.path=value ...]   (the recipe's `stage:` key picks the schema)")
+        return 0 if argv else 2
+    recipe, overrides = argv[0], argv[1:]
+    stage = read_yaml(recipe).get("stage")
+    if stage not in STAGES:
+        hint = difflib.get_close_matches(str(stage), list(STAGES), n=1)
+        raise UserError(
+            f"{recipe}: stage: {stage!r} is not a stage"
+            + (f"; did you mean '{hint[0]}'?" if hint else f"; add `stage: <one of {', '.join(STAGES)}>`")
+        )
+    module = _import_stage(stage)
+    cfg = load(module.Config, recipe, overrides)
+    extra = getattr(module, "check", None)  # optional deeper checks that need no training
+    if callable(extra):
+        extra(cfg)
+    print(f"{recipe}: OK ({stage} recipe)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    try:
+        if command in STAGES:
+            return run_stage(command, rest)
+        if command in TOOLS:
+            return int(_import_tool(command)(rest) or 0)
+        close = difflib.get_close_matches(command, [*STAGES, *TOOLS], n=1)
+        raise UserError(f"unknown command '{command}'" + (f"; did you mean '{close[0]}'?" if close else "") +
+                        f"; commands: {', '.join([*STAGES, *TOOLS])}")
+    except UserError as e:
+        for line in e.problems:
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,390 @@
+"""The one training loop every training stage shares (pretrain, finetune, distill).
+
+A stage builds its model, datasets, collate function and loss, then calls :func:`run`. The loop
+knows nothing about hardware: ``accelerate`` decides devices, precision and the distributed layout
+(DDP, DeepSpeed ZeRO, FSDP) from the accelerate config the job was launched with.
+
+    acc = setup(cfg)                        # Accelerator, seed, output_dir guard, logging
+    ... build model / data on `acc` ...
+    result = run(acc, cfg, model, train_ds, val_ds, collate=..., loss_fn=...)
+
+``cfg`` is a stage recipe with the groups ``optim``, ``schedule``, ``train``, ``eval``,
+``checkpoint``, ``log`` and the top-level keys ``output_dir``, ``seed``, ``resume``, ``overwrite``.
+
+Loss normalisation: a stage's ``loss_fn(model, batch)`` returns the *sum* of per-token losses and
+the token count. The loop divides by the number of loss tokens in the whole accumulated global
+batch (all micro-batches of all ranks), so gradient accumulation and data parallelism give the
+same gradient as one big batch — not a mean of per-micro-batch means.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lmforge.config import UserError, dump, to_dict
+from lmforge.optim.optimizers import build_optimizer
+from lmforge.optim.param_groups import build_param_groups
+from lmforge.optim.schedules import make_schedule
+from lmforge.train import checkpoint
+from lmforge.train.accel import is_deepspeed, is_sharded, make_accelerator
+from lmforge.train.flops import flops_per_token, model_dims, peak_flops
+from lmforge.train.metrics import MetricsLog, available_trackers, flat_config
+from lmforge.train.plots import plot_training
+
+log = logging.getLogger("lmforge")
+
+Batch = dict[str, torch.Tensor]
+LossFn = Callable[[torch.nn.Module, Batch], dict[str, torch.Tensor]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses and batches for causal language modelling (the default task)
+
+
+def causal_lm_loss(model: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+    """Next-token cross-entropy, summed: {'loss_sum', 'n_tokens', 'n_correct'} (labels -100 ignored)."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits  # (batch, seq, vocab)
+    logits = logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    loss_sum = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum")
+    mask = labels != -100
+    with torch.no_grad():
+        correct = ((logits.argmax(-1) == labels) & mask).sum()
+    return {"loss_sum": loss_sum, "n_tokens": mask.sum(), "n_correct": correct}
+
+
+def count_causal_tokens(batch: Batch) -> torch.Tensor:
+    """Loss tokens of a causal-LM batch: labels after the one-position shift that are not -100."""
+    return (batch["labels"][:, 1:] != -100).sum()
+
+
+def collate_blocks(examples: list[dict]) -> Batch:
+    """Packed blocks of equal length -> input_ids and labels (a copy: the model shifts nothing)."""
+    ids = torch.stack([torch.as_tensor(e["input_ids"]) for e in examples])  # (batch, block_size)
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+class RankBatches:
+    """Deterministic micro-batches for this rank, addressable by their global index ``k``.
+
+    Written by hand instead of a DataLoader + ``skip_first_batches`` so that resuming is exact and
+    free: micro-batch ``k`` is a pure function of (seed, k, rank), so a run resumed at step s just
+    asks for ``k = s * gradient_accumulation_steps`` onwards. Each epoch is a fresh permutation
+    (seeded by seed + epoch); a global batch is split across ranks; the last partial batch of an
+    epoch is dropped so every rank always has the same number of batches.
+    """
+
+    def __init__(self, dataset, batch_size: int, collate: Callable[[list[dict]], Batch], seed: int,
+                 rank: int, world: int, shuffle: bool = True):
+        self.dataset, self.bs, self.collate = dataset, batch_size, collate
+        self.seed, self.rank, self.world, self.shuffle = seed, rank, world, shuffle
+        self.per_epoch = len(dataset) // (batch_size * world)
+        if self.per_epoch == 0:
+            raise UserError(
+                f"data: {len(dataset)} training examples are fewer than one global batch "
+                f"({batch_size} per device x {world} processes); add data or lower train.per_device_train_batch_size"
+            )
+        self._perm_epoch, self._perm = -1, None
+
+    def indices(self, k: int) -> list[int]:
+        epoch, j = divmod(k, self.per_epoch)
+        if epoch != self._perm_epoch:
+            n = len(self.dataset)
+            self._perm = (np.random.default_rng(self.seed + epoch).permutation(n) if self.shuffle else np.arange(n))
+            self._perm_epoch = epoch
+        start = (j * self.world + self.rank) * self.bs
+        return self._perm[start:start + self.bs].tolist()
+
+    def get(self, k: int) -> Batch:
+        return self.collate(rows_of(self.dataset, self.indices(k)))
+
+
+def rows_of(dataset, idx: list[int]) -> list[dict]:
+    """``dataset[idx]`` (a dict of columns) as a list of row dicts."""
+    cols = dataset[idx]
+    return [dict(zip(cols, values)) for values in zip(*cols.values())]
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup: accelerator, seed, output folder
+
+
+def setup(cfg) -> Any:
+    """Create the Accelerator, seed everything, and guard ``output_dir``. Call before building the model
+    (under DeepSpeed ZeRO-3 the Accelerator must exist first so weights are created sharded)."""
+    from accelerate.utils import set_seed
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    out = Path(cfg.output_dir)
+    # Every rank checks before anyone writes, so ranks agree.
+    non_empty = out.is_dir() and any(out.iterdir())
+    if non_empty and cfg.resume == "none" and not cfg.overwrite:
+        raise UserError(
+            f"output_dir: '{out}' is not empty; pass resume=auto to continue that run, "
+            "overwrite=true to replace it, or choose another output_dir"
+        )
+    trackers = available_trackers(cfg.log.trackers)
+    acc = make_accelerator(
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps, mixed_precision=cfg.train.mixed_precision,
+        project_dir=str(out), log_with=trackers, micro_batch_size=cfg.train.per_device_train_batch_size,
+    )
+    if not acc.is_main_process:
+        logging.getLogger().setLevel(logging.WARNING)
+    import transformers
+
+    transformers.utils.logging.set_verbosity_warning()
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        if non_empty and cfg.overwrite and cfg.resume == "none":
+            log.info("overwrite=true: clearing %s", out)
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        dump(cfg, out / "recipe.yaml")
+    acc.wait_for_everyone()
+    set_seed(cfg.seed)
+    return acc
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate(acc, model, dataset, collate, loss_fn: LossFn, batch_size: int, max_batches: int | None = None) -> dict[str, float]:
+    """Token-weighted loss, perplexity and next-token accuracy over the validation set (all ranks).
+
+    Each rank takes a strided shard; shards are padded to equal length with uncounted rows so that
+    every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively)."""
+    was_training = model.training
+    model.eval()
+    n, world, rank = len(dataset), acc.num_processes, acc.process_index
+    per_rank = math.ceil(n / world)
+    n_batches = math.ceil(per_rank / batch_size)
+    if max_batches is not None:
+        n_batches = min(n_batches, max_batches)
+    sums = torch.zeros(3, dtype=torch.float64, device=acc.device)  # loss, tokens, correct
+    for b in range(n_batches):
+        slots = [rank + world * (b * batch_size + i) for i in range(batch_size)]
+        idx = [s for s in slots if s < n] or [0]
+        counted = any(s < n for s in slots)
+        batch = {k: v.to(acc.device) for k, v in collate(rows_of(dataset, idx)).items()}
+        out = loss_fn(model, batch)
+        if counted:
+            sums += torch.stack([out["loss_sum"].double(), out["n_tokens"].double(),
+                                 out.get("n_correct", torch.zeros(())).double().to(acc.device)])
+    sums = acc.reduce(sums, reduction="sum")
+    if was_training:
+        model.train()
+    loss_sum, tokens, correct = sums.tolist()
+    loss = loss_sum / max(tokens, 1.0)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": correct / max(tokens, 1.0), "tokens": tokens}
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    final_dir: Path | None
+    step: int
+    train_loss: float | None
+    eval: dict[str, float] = field(default_factory=dict)
+    first_train_loss: float | None = None
+
+
+def _param_digest(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def run(
+    acc, cfg, model: torch.nn.Module, train_data, eval_data=None, *,
+    collate: Callable[[list[dict]], Batch] = collate_blocks,
+    loss_fn: LossFn = causal_lm_loss,
+    count_tokens: Callable[[Batch], torch.Tensor] = count_causal_tokens,
+    tokenizer=None,
+    param_groups: list[dict] | None = None,
+    seq_len: int | None = None,
+    save_final: bool = True,
+) -> RunResult:
+    out = Path(cfg.output_dir)
+    ckpt_root = out / "checkpoints"
+    tc, T, gas = cfg.train, cfg.train.max_steps, cfg.train.gradient_accumulation_steps
+    stop = tc.stop_at_step or T
+
+    # 1) model, optimizer, schedule -------------------------------------------------------------
+    if tc.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "config"):
+            model.config.use_cache = False
+    groups = param_groups if param_groups is not None else build_param_groups(model, cfg.optim)
+    optimizer = build_optimizer(cfg.optim, groups)
+    hf_config = getattr(model, "config", None)
+    model, optimizer = acc.prepare(model, optimizer)
+    lr_at = make_schedule(cfg.schedule, cfg.optim.learning_rate, T)
+    batches = RankBatches(train_data, tc.per_device_train_batch_size, collate, cfg.seed, acc.process_index, acc.num_processes)
+
+    # 2) resume -----------------------------------------------------------------------------------
+    state: dict[str, Any] = {"step": 0, "micro_batches": 0, "tokens_seen": 0, "best_eval_loss": None}
+    resume_from = None
+    if cfg.resume == "auto":
+        resume_from = checkpoint.latest(ckpt_root)
+    elif cfg.resume != "none":
+        resume_from = Path(cfg.resume)
+    if resume_from is not None:
+        state = checkpoint.load(acc, resume_from)
+        log.info("resumed from %s at step %d", resume_from, state["step"])
+    metrics = MetricsLog(out / "metrics.jsonl", acc, resume_step=state["step"] if resume_from else None)
+    if acc.log_with:
+        acc.init_trackers(cfg.log.project_name, config=flat_config(to_dict(cfg)))
+
+    # 3) throughput bookkeeping -------------------------------------------------------------------
+    unwrapped = acc.unwrap_model(model)
+    n_params = sum(p.numel() for p in unwrapped.parameters())
+    n_trainable = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
+    emb = unwrapped.get_input_embeddings() if hasattr(unwrapped, "get_input_embeddings") else None
+    n_emb = emb.weight.numel() if emb is not None else 0
+    layers, hidden = model_dims(hf_config) if hf_config is not None else (0, 0)
+    if seq_len is None:
+        seq_len = len(train_data[0]["input_ids"]) if "input_ids" in train_data.column_names else 0
+    fpt = flops_per_token(n_params - n_emb, layers, hidden, seq_len)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision, torch.float32)
+    peak = tc.peak_flops or peak_flops(acc.device, dtype)
+    log.info("model: %.2fM parameters (%.2fM trainable); %s on %d process(es), %s",
+             n_params / 1e6, n_trainable / 1e6, type(model).__name__, acc.num_processes, acc.device)
+
+    # 4) train --------------------------------------------------------------------------------------
+    from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
+
+    pbar = tqdm(total=stop, initial=state["step"], desc="train", disable=not acc.is_local_main_process, dynamic_ncols=True)
+    model.train()
+    first_loss = last_loss = None
+    window_loss = torch.zeros((), dtype=torch.float64, device=acc.device)
+    window_tokens, window_input_tokens, window_time = 0.0, 0, 0.0
+    last_eval: dict[str, float] = {}
+    eval_every, save_every = cfg.eval.eval_every, cfg.checkpoint.save_every
+
+    while state["step"] < stop:
+        t0 = time.perf_counter()
+        step = state["step"]
+        lr = lr_at(step)
+        for g in optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
+        micro = [batches.get(state["micro_batches"] + i) for i in range(gas)]
+        micro = [{k: v.to(acc.device) for k, v in b.items()} for b in micro]
+        local_tokens = torch.stack([count_tokens(b) for b in micro]).sum().to(acc.device, torch.float64)
+        global_tokens = acc.reduce(local_tokens, reduction="sum").clamp_min(1.0)
+        # accelerate divides by gas and DDP/DeepSpeed average over ranks: undo both so the gradient
+        # is (sum of token losses over the global batch) / (its token count).
+        scale = acc.num_processes * gas / global_tokens
+        step_loss = torch.zeros((), dtype=torch.float64, device=acc.device)
+        for b in micro:
+            with acc.accumulate(model):
+                res = loss_fn(model, b)
+                acc.backward(res["loss_sum"] * scale.to(res["loss_sum"].dtype))
+                step_loss += res["loss_sum"].detach().double()
+        if is_deepspeed(acc):
+            grad_norm = model.get_global_grad_norm()  # the engine stepped and clipped inside backward
+        else:
+            grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        state["micro_batches"] += gas
+        input_tokens = seq_len * tc.per_device_train_batch_size * gas * acc.num_processes
+        state["tokens_seen"] += input_tokens
+        window_loss += step_loss
+        window_tokens += float(global_tokens)
+        window_input_tokens += input_tokens
+        window_time += time.perf_counter() - t0
+        step = state["step"]
+        pbar.update(1)
+
+        if step % cfg.log.log_every == 0 or step == stop or step == 1:
+            loss = float(acc.reduce(window_loss, reduction="sum")) / max(window_tokens, 1.0)
+            if not math.isfinite(loss):
+                raise RuntimeError(f"loss became {loss} at step {step}; lower optim.learning_rate or check the data")
+            tps = window_input_tokens / max(window_time, 1e-9)
+            row = {"loss": loss, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                   "tokens_per_s": tps, "mfu": fpt * tps / (peak * acc.num_processes), "tokens_seen": state["tokens_seen"]}
+            metrics.write(step, "train", row)
+            pbar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            first_loss = loss if first_loss is None else first_loss
+            last_loss = loss
+            window_loss.zero_()
+            window_tokens, window_input_tokens, window_time = 0.0, 0, 0.0
+
+        if eval_data is not None and ((eval_every and step % eval_every == 0) or step == T):
+            last_eval = evaluate(acc, model, eval_data, collate, loss_fn, cfg.eval.per_device_eval_batch_size,
+                                 cfg.eval.max_eval_batches)
+            metrics.write(step, "eval", last_eval)
+            if state["best_eval_loss"] is None or last_eval["loss"] < state["best_eval_loss"]:
+                state["best_eval_loss"] = last_eval["loss"]
+            log.info("step %d eval loss %.4f ppl %.2f acc %.3f", step, last_eval["loss"], last_eval["perplexity"], last_eval["accuracy"])
+
+        if (save_every and step % save_every == 0) or (step == stop and stop < T):
+            path = checkpoint.save(acc, ckpt_root, step, state, to_dict(cfg), cfg.checkpoint.keep_last)
+            log.info("checkpoint: %s", path)
+    pbar.close()
+
+    # 5) final model, plots, summary ------------------------------------------------------------------
+    final_dir = None
+    if save_final and state["step"] >= T:
+        final_dir = save_model(acc, model, out / "final", tokenizer=tokenizer, recipe=cfg)
+    # One digest per rank: under DDP/ZeRO-1/2 every rank must hold bitwise-identical parameters.
+    digests = None if is_sharded(acc) else gather_object([_param_digest(acc.unwrap_model(model))])
+    if acc.is_main_process:
+        plot_training(out / "metrics.jsonl", out / "training_curves.png", title=str(out.name))
+        summary = {
+            "step": state["step"], "max_steps": T, "tokens_seen": state["tokens_seen"],
+            "first_train_loss": first_loss, "train_loss": last_loss, "eval": last_eval,
+            "best_eval_loss": state["best_eval_loss"], "parameters": n_params, "trainable_parameters": n_trainable,
+            "distributed_type": str(acc.distributed_type), "num_processes": acc.num_processes,
+            "model_wrapper": type(model).__name__, "mixed_precision": acc.mixed_precision,
+            "param_digest_per_rank": digests, "final_dir": str(final_dir) if final_dir else None,
+        }
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    acc.end_training()
+    return RunResult(out, final_dir, state["step"], last_loss, last_eval, first_loss)
+
+
+def save_model(acc, model, path: Path, tokenizer=None, recipe=None) -> Path:
+    """``save_pretrained`` (safetensors) of the unwrapped model, consolidated from shards under
+    ZeRO-3/FSDP; plus the tokenizer and the resolved recipe. Collective: call on every rank."""
+    acc.wait_for_everyone()
+    state_dict = acc.get_state_dict(model)  # gathers ZeRO-3 / FSDP shards
+    unwrapped = acc.unwrap_model(model)
+    if acc.is_main_process:
+        tmp = path.with_name(path.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if recipe is not None:
+            dump(recipe, tmp / "recipe.yaml")
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    acc.wait_for_everyone()
+    return path

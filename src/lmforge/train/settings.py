@@ -1,0 +1,71 @@
+"""Recipe groups shared by every training stage (pretrain, finetune, distill): train, eval, checkpoint, log."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from lmforge.config import help_field
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    per_device_train_batch_size: int = help_field(8, help="Micro-batch size on each device.")
+    gradient_accumulation_steps: int = help_field(1, help="Micro-batches per optimizer step (loss normalised over all their tokens).")
+    max_steps: int = help_field(100, help="Optimizer steps in the whole run (the schedule spans these).")
+    stop_at_step: int | None = help_field(
+        None, help="Stop after this step (checkpointing first) but keep the max_steps schedule: for time-boxed jobs; resume=auto continues."
+    )
+    gradient_checkpointing: bool = help_field(False, help="Recompute activations in backward to save memory.")
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = help_field(
+        None, help="Override the accelerate config's mixed precision (null: the accelerate config decides)."
+    )
+    peak_flops: float | None = help_field(
+        None, help="Device peak FLOP/s for MFU (null: measured once by a matmul probe and cached)."
+    )
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.max_steps <= 0:
+            out.append(f"max_steps: must be > 0, got {self.max_steps}")
+        if self.per_device_train_batch_size <= 0:
+            out.append("per_device_train_batch_size: must be > 0")
+        if self.gradient_accumulation_steps <= 0:
+            out.append("gradient_accumulation_steps: must be > 0")
+        if self.stop_at_step is not None and not 0 < self.stop_at_step <= self.max_steps:
+            out.append("stop_at_step: must be in (0, max_steps]")
+        return out
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    eval_every: int = help_field(50, help="Evaluate every N optimizer steps (and at the end); 0: only at the end.")
+    per_device_eval_batch_size: int = help_field(8, help="Eval micro-batch size on each device.")
+    max_eval_batches: int | None = help_field(None, help="Cap on eval batches per device (null: the whole validation set).")
+
+    def problems(self) -> list[str]:
+        return ["eval_every: must be >= 0"] if self.eval_every < 0 else []
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    save_every: int = help_field(100, help="Save a resumable checkpoint every N steps (0: only the final model).")
+    keep_last: int = help_field(2, help="Keep the newest K checkpoints; older ones are deleted.")
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.save_every < 0:
+            out.append("save_every: must be >= 0")
+        if self.keep_last < 1:
+            out.append("keep_last: must be >= 1")
+        return out
+
+
+@dataclasses.dataclass
+class LogConfig:
+    log_every: int = help_field(10, help="Log train metrics every N optimizer steps.")
+    trackers: list[str] = help_field(["tensorboard"], help="accelerate trackers (tensorboard, wandb, ...); skipped when not installed.")
+    project_name: str = help_field("lmforge", help="Tracker project / run name.")
+
+    def problems(self) -> list[str]:
+        return ["log_every: must be > 0"] if self.log_every <= 0 else []
