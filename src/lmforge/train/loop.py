@@ -225,7 +225,12 @@ def run(
     param_groups: list[dict] | None = None,
     seq_len: int | None = None,
     save_final: bool = True,
+    batches: Any = None,
 ) -> RunResult:
+    """Train ``model`` to ``cfg.train.max_steps`` (or ``stop_at_step``), evaluating, checkpointing and
+    logging on the way; save ``output_dir/final`` at the end. ``batches`` may replace the default
+    :class:`RankBatches` with any object whose ``get(k)`` returns this rank's k-th micro-batch
+    (deterministic in k, so resume stays exact)."""
     out = Path(cfg.output_dir)
     ckpt_root = out / "checkpoints"
     tc, T, gas = cfg.train, cfg.train.max_steps, cfg.train.gradient_accumulation_steps
@@ -241,7 +246,9 @@ def run(
     hf_config = getattr(model, "config", None)
     model, optimizer = acc.prepare(model, optimizer)
     lr_at = make_schedule(cfg.schedule, cfg.optim.learning_rate, T)
-    batches = RankBatches(train_data, tc.per_device_train_batch_size, collate, cfg.seed, acc.process_index, acc.num_processes)
+    if batches is None:
+        batches = RankBatches(train_data, tc.per_device_train_batch_size, collate, cfg.seed, acc.process_index,
+                              acc.num_processes)
 
     # 2) resume -----------------------------------------------------------------------------------
     state: dict[str, Any] = {"step": 0, "micro_batches": 0, "tokens_seen": 0, "best_eval_loss": None}
