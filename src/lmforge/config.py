@@ -233,9 +233,6 @@ def _suggest(key: str, cls: type, prefix: str) -> str:
         leaf = [k for k in full if k.rsplit(".", 1)[-1] == key]
         if leaf:
             return f"; did you mean '{leaf[0]}'?"
-        close = difflib.get_close_matches(prefix + key, full, n=1, cutoff=0.6)
-        if close:
-            return f"; did you mean '{close[0]}'?"
     return f"; valid keys here: {', '.join(local)}"
 
 
@@ -306,7 +303,7 @@ def from_dict(cls: type[T], raw: dict, source: str = "recipe") -> T:
         cfg = _build(cls, raw, "", problems)
     finally:
         _current_root.pop()
-    if cfg is not None and not problems:
+    if cfg is not None:  # cross-field rules too, so every problem is reported in one go
         _walk_problems(cfg, "", problems)
     if problems:
         raise ConfigError([f"{source}: {p}" for p in problems])
