@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from lmforge.config import UserError, dump, to_dict
 from lmforge.optim.optimizers import build_optimizer
 from lmforge.optim.param_groups import build_param_groups
-from lmforge.optim.schedules import make_schedule
+from lmforge.optim.schedules import apply_lr, make_schedule
 from lmforge.train import checkpoint
 from lmforge.train.accel import is_deepspeed, is_sharded, make_accelerator
 from lmforge.train.flops import flops_per_token, model_dims, peak_flops
@@ -245,7 +245,7 @@ def run(
     optimizer = build_optimizer(cfg.optim, groups)
     hf_config = getattr(model, "config", None)
     model, optimizer = acc.prepare(model, optimizer)
-    lr_at = make_schedule(cfg.schedule, cfg.optim.learning_rate, T)
+    lr_at = make_schedule(cfg.schedule, cfg.optim.learning_rate, T, model_config=hf_config)
     if batches is None:
         batches = RankBatches(train_data, tc.per_device_train_batch_size, collate, cfg.seed, acc.process_index,
                               acc.num_processes)
@@ -295,8 +295,7 @@ def run(
         t0 = time.perf_counter()
         step = state["step"]
         lr = lr_at(step)
-        for g in optimizer.param_groups:
-            g["lr"] = lr * g.get("lr_scale", 1.0)
+        apply_lr(optimizer, lr)  # each group: lr * its lr_scale (layer-wise decay, per-module multipliers)
         micro = [batches.get(state["micro_batches"] + i) for i in range(gas)]
         micro = [{k: v.to(acc.device) for k, v in b.items()} for b in micro]
         local_tokens = torch.stack([count_tokens(b) for b in micro]).sum().to(acc.device, torch.float64)
