@@ -7,6 +7,11 @@ Two fixes for machines without a GPU, both found by running accelerate 1.15 here
 - DeepSpeed leaves the process-group backend unset, so accelerate believes it has one process and
   ``deepspeed.initialize`` fails on the batch-size check; passing ``backend="gloo"`` fixes it.
   (``cpu=True`` must not be used there: it silently replaces DeepSpeed by DDP.)
+
+The recipe is the single source of what it decides: DeepSpeed's ``gradient_clipping`` is filled from
+``optim.max_grad_norm`` (accelerate would otherwise put 1.0 in every ``"auto"``), and a DeepSpeed JSON
+that states a different value, or an ``optimizer``/``scheduler`` block (lmforge builds its own parameter
+groups and schedule), is refused with a message that names the fix.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ def launched_layout() -> str:
 
 def make_accelerator(
     *, gradient_accumulation_steps: int, mixed_precision: str | None, project_dir: str,
-    log_with: list[str] | None = None, micro_batch_size: int | None = None,
+    max_grad_norm: float | None, log_with: list[str] | None = None, micro_batch_size: int | None = None,
 ):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
@@ -64,7 +69,50 @@ def make_accelerator(
         # We feed batches ourselves (no prepared DataLoader), so tell DeepSpeed the micro-batch size
         # that accelerate would otherwise read off the DataLoader.
         ds.deepspeed_config["train_micro_batch_size_per_gpu"] = micro_batch_size
+    if ds is not None:
+        _check_deepspeed_config(ds, max_grad_norm)
     return acc
+
+
+def _check_deepspeed_config(ds, max_grad_norm: float | None) -> None:
+    """Fill the DeepSpeed values the recipe owns; refuse what would contradict or replace the recipe."""
+    cfg = ds.deepspeed_config
+    source = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or "the accelerate config's deepspeed_config"
+    problems = [
+        f"{source}: remove the '{block}' block; lmforge builds the {what} from the recipe ({where})"
+        for block, what, where in (("optimizer", "optimizer and its parameter groups", "optim.*"),
+                                   ("scheduler", "learning-rate schedule", "schedule.*"))
+        if block in cfg
+    ]
+    # DeepSpeed clips inside engine.step(); 0 disables clipping there.
+    want = float(max_grad_norm) if max_grad_norm is not None else 0.0
+    have = cfg.get("gradient_clipping", "auto")
+    if have in ("auto", None):
+        cfg["gradient_clipping"] = want
+    elif float(have) != want:
+        problems.append(
+            f"{source}: gradient_clipping is {have} but the recipe's optim.max_grad_norm is {max_grad_norm}; "
+            'set it to "auto" in the DeepSpeed JSON (or drop gradient_clipping from the accelerate YAML) so the '
+            "recipe decides"
+        )
+    if problems:
+        raise UserError(problems)
+
+
+def layout_info(acc) -> dict:
+    """What actually ran, for summary.json: tests assert on it (a DEEPSPEED YAML launched with ``--cpu``
+    runs silently as DDP, so "the run finished" proves nothing)."""
+    ds = acc.state.deepspeed_plugin
+    fsdp = getattr(acc.state, "fsdp_plugin", None)
+    info: dict = {"zero_stage": None, "offload_optimizer": None, "offload_param": None, "fsdp_sharding": None}
+    if ds is not None:
+        z = ds.deepspeed_config.get("zero_optimization", {})
+        info.update(zero_stage=int(z.get("stage", 0)),
+                    offload_optimizer=z.get("offload_optimizer", {}).get("device", "none"),
+                    offload_param=z.get("offload_param", {}).get("device", "none"))
+    elif fsdp is not None:
+        info["fsdp_sharding"] = str(getattr(fsdp.sharding_strategy, "name", fsdp.sharding_strategy))
+    return info
 
 
 def is_deepspeed(acc) -> bool:

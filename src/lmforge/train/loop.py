@@ -39,7 +39,7 @@ from lmforge.optim.optimizers import build_optimizer
 from lmforge.optim.param_groups import build_param_groups
 from lmforge.optim.schedules import apply_lr, make_schedule
 from lmforge.train import checkpoint
-from lmforge.train.accel import is_deepspeed, is_sharded, make_accelerator
+from lmforge.train.accel import is_deepspeed, is_sharded, layout_info, make_accelerator
 from lmforge.train.flops import flops_per_token, model_dims, peak_flops
 from lmforge.train.metrics import MetricsLog, available_trackers, flat_config
 from lmforge.train.plots import plot_training
@@ -141,6 +141,7 @@ def setup(cfg) -> Any:
     acc = make_accelerator(
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps, mixed_precision=cfg.train.mixed_precision,
         project_dir=str(out), log_with=trackers, micro_batch_size=cfg.train.per_device_train_batch_size,
+        max_grad_norm=cfg.optim.max_grad_norm,  # under DeepSpeed the engine clips: the recipe sets its value
     )
     if not acc.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)
@@ -366,7 +367,7 @@ def run(
             "first_train_loss": first_loss, "train_loss": last_loss, "eval": last_eval,
             "best_eval_loss": state["best_eval_loss"], "parameters": n_params, "trainable_parameters": n_trainable,
             "distributed_type": str(acc.distributed_type), "num_processes": acc.num_processes,
-            "model_wrapper": type(model).__name__, "mixed_precision": acc.mixed_precision,
+            "model_wrapper": type(model).__name__, "mixed_precision": acc.mixed_precision, **layout_info(acc),
             "param_digest_per_rank": digests, "final_dir": str(final_dir) if final_dir else None,
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
