@@ -81,7 +81,11 @@ def pack_flat(ids: np.ndarray, block_size: int) -> np.ndarray:
 
 
 def tokenize_and_pack(ds, tokenizer, text_key: str, block_size: int, num_proc: int | None = None):
-    """Documents -> EOS-terminated token ids -> blocks of ``block_size`` (a datasets.Dataset)."""
+    """Documents -> EOS-terminated token ids -> blocks of ``block_size`` (a datasets.Dataset).
+
+    Packing runs once over the flat token array of *all* documents (read from Arrow without Python
+    lists), so only the final remainder shorter than a block is dropped.
+    """
     eos = tokenizer.eos_token_id
     if eos is None:
         raise UserError("model.tokenizer: the tokenizer has no eos_token; documents cannot be separated")
@@ -90,13 +94,21 @@ def tokenize_and_pack(ds, tokenizer, text_key: str, block_size: int, num_proc: i
         enc = tokenizer(batch[text_key], add_special_tokens=False)["input_ids"]
         return {"input_ids": [ids + [eos] for ids in enc]}
 
-    def pack(batch):
-        # Packing on one flat array per batch of documents (no Python lists of lists per token).
-        flat = np.fromiter((t for ids in batch["input_ids"] for t in ids), dtype=np.int64)
-        return {"input_ids": pack_flat(flat, block_size)}
-
     tok = ds.map(tokenize, batched=True, remove_columns=ds.column_names, num_proc=num_proc, desc="tokenize")
-    return tok.map(pack, batched=True, batch_size=2000, num_proc=num_proc, desc=f"pack into {block_size}-token blocks")
+    flat = tok.data.column("input_ids").combine_chunks().flatten().to_numpy()  # (n_tokens,)
+    return blocks_dataset(pack_flat(flat, block_size))
+
+
+def blocks_dataset(blocks: np.ndarray):
+    """(n_blocks, block_size) int array -> datasets.Dataset with one ``input_ids`` list column (Arrow, no copy to lists)."""
+    import datasets
+    import pyarrow as pa
+
+    n, width = blocks.shape if blocks.ndim == 2 else (0, 0)
+    values = pa.array(np.ascontiguousarray(blocks).reshape(-1))
+    offsets = pa.array(np.arange(0, n * width + 1, max(width, 1), dtype=np.int32)[: n + 1])
+    column = pa.ListArray.from_arrays(offsets, values)
+    return datasets.Dataset(pa.Table.from_arrays([column], names=["input_ids"]))
 
 
 def build_lm_datasets(cfg: LMDataConfig, tokenizer, seed: int):

@@ -1,0 +1,244 @@
+"""`lmforge data RECIPE.yaml`: raw local text -> cleaned, deduplicated, tokenized, packed training set.
+
+    sources -> normalize -> filters -> PII scrub -> dedup keys      (executor 1: `executor.tasks` tasks)
+            -> exact + MinHash-LSH clusters                         (executor 2: one task)
+            -> split by document -> tokenizer -> pack -> report    (executor 3: one task)
+
+Every block is a datatrove ``PipelineStep``; the recipe's ``executor`` picks local processes, Slurm or Ray,
+and a rerun with ``resume=auto`` skips the tasks that finished. Work happens in ``<output_dir>.partial``,
+renamed to ``output_dir`` only when everything is written.
+
+Outputs in ``output_dir``: ``dataset/`` (``DatasetDict`` train/validation, column ``input_ids`` of
+``pack.block_size`` tokens: what ``lmforge pretrain`` reads with ``data.path``), ``tokenizer/``,
+``documents.jsonl.gz``, ``report.json``, ``report.md``, ``lengths.png``, ``drops.png``, ``recipe.yaml``,
+``logs/`` and, with ``filters.write_dropped``, ``dropped/<filter>/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from lmforge.config import RunConfig, UserError, dump, help_field, nested, to_dict
+from lmforge.data.clean import (
+    FiltersConfig,
+    LengthProbe,
+    NormalizeConfig,
+    Normalizer,
+    PIIConfig,
+    PIIScrubber,
+    build_filters,
+)
+from lmforge.data.dedup import DedupClusters, DedupConfig, DedupKeys
+from lmforge.data.publish import PackConfig, Publish
+from lmforge.data.readers import LocalReader, SourceConfig, StepAbort, expand_sources
+from lmforge.data.tokenizer import TokenizerConfig
+
+
+@dataclasses.dataclass
+class SlurmConfig:
+    partition: str = help_field("", help="Slurm partition (required for kind: slurm).")
+    time: str = help_field("04:00:00", help="Time limit per job.")
+    cpus_per_task: int = help_field(1, help="CPUs per task.")
+    mem_per_cpu_gb: int = help_field(2, help="Memory per CPU (GB).")
+    venv_path: str | None = help_field(None, help="Virtual environment to activate in the job (default: none).")
+    sbatch_args: dict[str, str] = help_field({}, help="Extra #SBATCH options, e.g. {account: myacct}.")
+
+
+@dataclasses.dataclass
+class RayConfig:
+    cpus_per_task: int = help_field(1, help="CPUs per Ray task.")
+    mem_per_cpu_gb: float = help_field(2, help="Memory per CPU (GB).")
+
+
+@dataclasses.dataclass
+class ExecutorConfig:
+    kind: Literal["local", "slurm", "ray"] = help_field("local", help="Where tasks run: local processes, Slurm jobs or Ray.")
+    tasks: int = help_field(1, help="Shards of the cleaning pipeline (each reads every tasks-th file).")
+    workers: int = help_field(1, help="Tasks running at once (local/ray; -1: all).")
+    slurm: SlurmConfig = nested(SlurmConfig)
+    ray: RayConfig = nested(RayConfig)
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.tasks < 1:
+            out.append("tasks: must be >= 1")
+        if self.workers == 0 or self.workers < -1:
+            out.append("workers: must be >= 1 (or -1 for all tasks at once)")
+        if self.kind == "slurm" and not self.slurm.partition:
+            out.append("slurm.partition: required with kind: slurm")
+        return out
+
+
+@dataclasses.dataclass
+class Config(RunConfig):
+    STAGE: ClassVar[str] = "data"
+    sources: list[SourceConfig] = help_field([], help="The mixture: a list of {files, name, format, text_key, id_key, weight, text_unit}.")
+    executor: ExecutorConfig = nested(ExecutorConfig)
+    normalize: NormalizeConfig = nested(NormalizeConfig)
+    filters: FiltersConfig = nested(FiltersConfig)
+    pii: PIIConfig = nested(PIIConfig)
+    dedup: DedupConfig = nested(DedupConfig)
+    tokenizer: TokenizerConfig = nested(TokenizerConfig)
+    pack: PackConfig = nested(PackConfig)
+
+    def problems(self) -> list[str]:
+        out = super().problems()
+        if self.resume not in ("none", "auto"):
+            out = [p for p in out if not p.startswith("resume:")]
+            out.append("resume: the data stage takes 'none' or 'auto' (continue <output_dir>.partial)")
+        if not self.sources:
+            out.append("sources: required; a list like [{files: [data/*.jsonl], text_key: text}]")
+        for i, src in enumerate(self.sources):
+            out += [f"sources[{i}].{p}" for p in src.problems()]
+        names = [s.name for s in self.sources if s.name]
+        if len(names) != len(set(names)):
+            out.append("sources: two sources share a name; names must be unique")
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# The three pipelines
+
+
+def pipelines(cfg: Config, work: Path, final_dir: str) -> dict[str, list]:
+    from datatrove.pipeline.writers import JsonlWriter
+
+    clean = [LocalReader(cfg.sources, cfg.seed), LengthProbe(str(work / "lengths" / "read"))]
+    if cfg.normalize.enabled:
+        clean.append(Normalizer(cfg.normalize))
+    clean += build_filters(cfg.filters, str(work / "dropped"))
+    if cfg.pii.enabled:
+        clean.append(PIIScrubber(cfg.pii))
+    clean += [DedupKeys(str(work / "dedup" / "keys"), cfg.dedup),
+              JsonlWriter(str(work / "clean"), output_filename="${rank}.jsonl")]
+    n = cfg.executor.tasks
+    return {
+        "clean": clean,
+        "dedup": [DedupClusters(str(work / "dedup" / "keys"), str(work / "dedup" / "remove"), cfg.dedup, n)],
+        "publish": [Publish(str(work), cfg, n, final_dir)],
+    }
+
+
+def make_executor(cfg: Config, name: str, pipeline: list, tasks: int, logs: Path, depends=None):
+    ex = cfg.executor
+    if ex.kind == "local":
+        from datatrove.executor import LocalPipelineExecutor
+
+        workers = ex.workers if tasks > 1 else 1
+        return LocalPipelineExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=str(logs / name),
+                                     depends=depends, skip_completed=True)
+    if ex.kind == "slurm":
+        from datatrove.executor import SlurmPipelineExecutor
+
+        s = ex.slurm
+        return SlurmPipelineExecutor(pipeline, tasks=tasks, time=s.time, partition=s.partition,
+                                     cpus_per_task=s.cpus_per_task, mem_per_cpu_gb=s.mem_per_cpu_gb,
+                                     job_name=f"lmforge-data-{name}", logging_dir=str(logs / name),
+                                     venv_path=s.venv_path, sbatch_args=dict(s.sbatch_args) or None,
+                                     depends=depends, skip_completed=True)
+    from datatrove.executor import RayPipelineExecutor
+
+    return RayPipelineExecutor(pipeline, tasks=tasks, workers=ex.workers, logging_dir=str(logs / name),
+                               cpus_per_task=ex.ray.cpus_per_task, mem_per_cpu_gb=ex.ray.mem_per_cpu_gb,
+                               depends=depends, skip_completed=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Checks before anything is written
+
+
+def check(cfg: Config) -> None:
+    """Input files exist and have a known type; the executor's tools are installed (`lmforge check`)."""
+    expand_sources(cfg.sources)
+    if cfg.executor.kind == "slurm" and shutil.which("sbatch") is None:
+        raise UserError("executor.kind: slurm, but `sbatch` is not on PATH; run on a Slurm login node or use kind: local")
+    if cfg.executor.kind == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise UserError("executor.kind: ray needs Ray; `pip install 'ray[default]'` or use kind: local") from None
+
+
+def _recipe_key(cfg: Config) -> dict:
+    d = to_dict(cfg)
+    for k in ("resume", "overwrite"):
+        d.pop(k, None)
+    return d
+
+
+def prepare_dirs(cfg: Config) -> tuple[Path, Path] | None:
+    """(final output_dir, work dir); None when a finished output already exists and resume=auto."""
+    out = Path(cfg.output_dir)
+    work = out.with_name(out.name + ".partial")
+    if out.exists() and any(out.iterdir()):
+        if cfg.overwrite:
+            shutil.rmtree(out)
+        elif cfg.resume == "auto" and (out / "report.json").exists():
+            return None
+        else:
+            raise UserError(f"output_dir: '{out}' is not empty; pass overwrite=true to replace it, "
+                            "or choose another output_dir")
+    if work.exists():
+        saved = work / "recipe.json"
+        if cfg.resume == "auto" and saved.exists():
+            if json.loads(saved.read_text()) != _recipe_key(cfg):
+                raise UserError(f"resume: the recipe changed since the interrupted run in '{work}'; "
+                                "rerun with overwrite=true (resume=none) to start over")
+            print(f"data: resuming {work} (finished tasks are skipped)")
+        else:
+            print(f"data: removing the unfinished run in {work} (pass resume=auto to continue it instead)")
+            shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "recipe.json").write_text(json.dumps(_recipe_key(cfg), indent=1), encoding="utf-8")
+    return out, work
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def main(cfg: Config) -> dict | None:
+    check(cfg)
+    dirs = prepare_dirs(cfg)
+    if dirs is None:
+        print(f"data: {cfg.output_dir} is complete already (report.json present); nothing to do")
+        return json.loads((Path(cfg.output_dir) / "report.json").read_text())
+    out, work = dirs
+    t0 = time.perf_counter()
+
+    # ---- three executors, each waiting for the previous one (datatrove `depends`) ----
+    steps = pipelines(cfg, work, str(out))
+    logs = work / "logs"
+    clean = make_executor(cfg, "clean", steps["clean"], cfg.executor.tasks, logs)
+    dedup = make_executor(cfg, "dedup", steps["dedup"], 1, logs, depends=clean)
+    publish = make_executor(cfg, "publish", steps["publish"], 1, logs, depends=dedup)
+    try:
+        publish.run()  # runs (local, ray) or submits (slurm) its dependencies first
+    except StepAbort as e:  # a UserError inside a block run in this process: print it plainly
+        raise UserError(e.problems) from None
+
+    # ---- publish: the finished folder appears in one rename ----
+    if not (work / "report.json").exists():
+        print(f"data: jobs submitted ({cfg.executor.kind}); when they finish, run the same command with resume=auto "
+              f"to move {work} to {out}")
+        return None
+    dump(cfg, work / "recipe.yaml")
+    (work / "recipe.json").unlink()
+    if out.exists():
+        out.rmdir()  # empty (checked above)
+    work.rename(out)
+    report = json.loads((out / "report.json").read_text())
+    d, t = report["documents"], report["tokens"]
+    print(f"\ndata done in {time.perf_counter() - t0:.1f} s: {d['read']} documents read, {d['kept']} kept; "
+          f"{t['train']:,} train + {t['validation']:,} validation tokens in {t['block_size']}-token blocks")
+    print(f"  dataset:   {out / 'dataset'}")
+    if cfg.tokenizer.train:
+        print(f"  tokenizer: {out / 'tokenizer'}")
+    print(f"  report:    {out / 'report.md'}")
+    print(f"  pretrain:  lmforge pretrain recipes/tiny/pretrain.yaml data.path={out / 'dataset'} data.train_files=[] "
+          f"data.block_size={t['block_size']}" + (f" model.tokenizer={out / 'tokenizer'}" if cfg.tokenizer.train else ""))
+    return report
