@@ -99,9 +99,9 @@ def test_resume_is_bitwise_identical(tmp_path, gas):
 def test_accumulation_normalises_over_all_tokens(tmp_path):
     """bs=8 x 1 and bs=4 x 2 see the same 8 examples per step; with token-level normalisation
     over the whole accumulated batch they take the same step (up to float summation order)."""
-    a = run_pretrain(tmp_path / "a", "train.max_steps=3", "train.per_device_train_batch_size=8",
+    a = run_pretrain(tmp_path / "a", "train.max_steps=3", "schedule.warmup_steps=1", "train.per_device_train_batch_size=8",
                      "train.gradient_accumulation_steps=1", "checkpoint.save_every=0")
-    b = run_pretrain(tmp_path / "b", "train.max_steps=3", "train.per_device_train_batch_size=4",
+    b = run_pretrain(tmp_path / "b", "train.max_steps=3", "schedule.warmup_steps=1", "train.per_device_train_batch_size=4",
                      "train.gradient_accumulation_steps=2", "checkpoint.save_every=0")
     wa = load_file(a.final_dir / "model.safetensors")
     wb = load_file(b.final_dir / "model.safetensors")
@@ -125,3 +125,26 @@ def test_interrupted_save_is_ignored_on_resume(tmp_path):
     assert latest(tmp_path / "checkpoints").name == "step_4"
     resumed = run_pretrain(tmp_path, "train.max_steps=10", "checkpoint.save_every=2", "resume=auto")
     assert resumed.step == 10
+
+
+def test_gradient_checkpointing_gives_the_same_step(tmp_path):
+    a = run_pretrain(tmp_path / "a", "train.max_steps=2", "checkpoint.save_every=0", "schedule.warmup_steps=1")
+    b = run_pretrain(tmp_path / "b", "train.max_steps=2", "checkpoint.save_every=0", "schedule.warmup_steps=1",
+                     "train.gradient_checkpointing=true")
+    wa, wb = load_file(a.final_dir / "model.safetensors"), load_file(b.final_dir / "model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+
+
+def test_continue_from_a_local_model_dir_and_plain_text(tiny_run, tmp_path):
+    """model.name_or_path takes a local folder (the hub path is the same code); data.train_files takes .txt."""
+    out, first = tiny_run
+    text = tmp_path / "notes.txt"
+    corpus = [json.loads(line)["text"] for line in (ROOT / "tests/fixtures/corpus/stdlib_docs.jsonl").read_text().splitlines()]
+    text.write_text("\n".join(corpus[:200]))
+    cont = run_pretrain(tmp_path / "cont", f"model.name_or_path={out / 'final'}", "model.config={}",
+                        f"model.tokenizer={out / 'final'}", f"data.train_files=[{text}]", "train.max_steps=5",
+                        "schedule.warmup_steps=0", "optim.learning_rate=1e-4", "schedule.min_lr=0",
+                        "checkpoint.save_every=0")
+    # a trained model starts far below a fresh one (~ln 512 = 6.2)
+    assert cont.first_train_loss < first.first_train_loss - 1.0
