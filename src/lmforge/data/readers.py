@@ -69,12 +69,26 @@ class StepAbort(BaseException):
         self.problems = problems
 
 
+_ABORT_IN_PROCESS = False  # set by the stage while an executor runs blocks in this process
+
+
+@contextlib.contextmanager
+def aborts_in_process():
+    """While active, UserErrors inside blocks running in this process leave as :class:`StepAbort`."""
+    global _ABORT_IN_PROCESS
+    _ABORT_IN_PROCESS = True
+    try:
+        yield
+    finally:
+        _ABORT_IN_PROCESS = False
+
+
 @contextlib.contextmanager
 def user_errors_abort():
     try:
         yield
     except UserError as e:
-        if multiprocessing.current_process().name == "MainProcess":
+        if _ABORT_IN_PROCESS and multiprocessing.current_process().name == "MainProcess":
             raise StepAbort(e.problems) from None
         raise
 
@@ -133,28 +147,29 @@ def _records(path: str, fmt: str, src: SourceConfig, src_i: int) -> Iterator[tup
             for n, para in enumerate(p for p in text.replace("\r\n", "\n").split("\n\n") if p.strip()):
                 yield f"{stem}:p{n}", para
     elif fmt == "jsonl":
-        with _open_text(path) as f:
-            n = 0
-            try:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise UserError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); "
-                                        "fix or delete that line") from None
-                    if not isinstance(rec, dict):
-                        raise UserError(f"{path}:{n}: expected a JSON object per line, got {type(rec).__name__}")
-                    if src.text_key not in rec:
-                        raise UserError(f"{path}:{n}: no '{src.text_key}' field (fields: {', '.join(map(str, rec))}); "
-                                        f"set {key}")
-                    text = rec[src.text_key]
-                    if not isinstance(text, str):
-                        raise UserError(f"{path}:{n}: '{src.text_key}' is {type(text).__name__}, not a string")
-                    yield str(rec.get(src.id_key, f"{stem}:{n}")), text
-            except UnicodeDecodeError as e:
-                raise _not_utf8(path, e, n + 1) from None
+        # bytes per line, decoded one at a time, so a bad byte is reported on its own line
+        with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise _not_utf8(path, e, n) from None
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); "
+                                    "fix or delete that line") from None
+                if not isinstance(rec, dict):
+                    raise UserError(f"{path}:{n}: expected a JSON object per line, got {type(rec).__name__}")
+                if src.text_key not in rec:
+                    raise UserError(f"{path}:{n}: no '{src.text_key}' field (fields: {', '.join(map(str, rec))}); "
+                                    f"set {key}")
+                text = rec[src.text_key]
+                if not isinstance(text, str):
+                    raise UserError(f"{path}:{n}: '{src.text_key}' is {type(text).__name__}, not a string")
+                yield str(rec.get(src.id_key, f"{stem}:{n}")), text
     elif fmt == "csv":
         try:
             with _open_text(path) as f:

@@ -35,7 +35,7 @@ from lmforge.data.clean import (
 )
 from lmforge.data.dedup import DedupClusters, DedupConfig, DedupKeys
 from lmforge.data.publish import PackConfig, Publish
-from lmforge.data.readers import LocalReader, SourceConfig, StepAbort, expand_sources
+from lmforge.data.readers import LocalReader, SourceConfig, StepAbort, aborts_in_process, expand_sources
 from lmforge.data.tokenizer import TokenizerConfig
 
 
@@ -217,8 +217,10 @@ def main(cfg: Config) -> dict | None:
     dedup = make_executor(cfg, "dedup", steps["dedup"], 1, logs, depends=clean)
     publish = make_executor(cfg, "publish", steps["publish"], 1, logs, depends=dedup)
     try:
-        publish.run()  # runs (local, ray) or submits (slurm) its dependencies first
+        with aborts_in_process():
+            publish.run()  # runs (local, ray) or submits (slurm) its dependencies first
     except StepAbort as e:  # a UserError inside a block run in this process: print it plainly
+        shutil.rmtree(work, ignore_errors=True)  # the input or recipe must change: nothing here can be resumed
         raise UserError(e.problems) from None
 
     # ---- publish: the finished folder appears in one rename ----
