@@ -1,0 +1,200 @@
+"""The finetune stage end to end on CPU: every method trains, leaves the base untouched, and reloads exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import ROOT, TOKENIZER
+
+from lmforge.config import load
+from lmforge.stages import finetune
+
+PROBE = torch.tensor([[3, 70, 73, 301, 77, 203, 4, 265, 80, 365, 269, 266], [3, 85, 22, 203, 4, 69, 22, 0, 80, 72, 5, 9]])
+
+
+def build_tiny_base(path, model_type: str = "llama"):
+    """A 2-layer, 64-wide model of the fixture tokenizer's vocabulary, saved with the tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(TOKENIZER))
+    torch.manual_seed(0)
+    if model_type == "llama":
+        cfg = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    else:
+        cfg = AutoConfig.for_model(model_type, vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=256,
+                                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def base_dir(tmp_path_factory):
+    return build_tiny_base(tmp_path_factory.mktemp("finetune_base") / "base")
+
+
+def recipe_cfg(recipe: str, base, out, *overrides: str, steps: int = 6):
+    """A shipped tiny recipe, shrunk: a few steps of small batches, eval once on one batch."""
+    return load(finetune.Config, ROOT / "recipes" / "tiny" / f"{recipe}.yaml", [
+        f"model.name_or_path={base}", f"output_dir={out}", f"train.max_steps={steps}", "train.per_device_train_batch_size=4",
+        "data.max_seq_length=48", "eval.eval_every=0", "eval.max_eval_batches=1", "log.log_every=3", "log.trackers=[]",
+        "schedule.warmup_steps=0", *overrides,
+    ])
+
+
+def base_state_unchanged(model, fresh) -> int:
+    """Assert every weight of the fresh base equals the trained model's frozen copy bitwise; return how many compared."""
+    trained = model.get_base_model().state_dict()
+    want = fresh.state_dict()
+    seen = 0
+    for key, value in trained.items():
+        k = key.replace(".base_layer", "").replace(".original_module", "")
+        if k in want and not any(s in key for s in (".lora_", ".ia3_", ".bottleneck_", ".modules_to_save.")):
+            assert torch.equal(value, want[k]), f"base weight {k} changed"
+            seen += 1
+    missing = {k for k in want if not k.endswith("absmax") and "quant" not in k} - {
+        k.replace(".base_layer", "").replace(".original_module", "") for k in trained}
+    assert not missing, f"base weights not found in the trained model: {sorted(missing)[:5]}"
+    return seen
+
+
+def val_batch(cfg, tok, n: int = 16):
+    from lmforge.data.sft import SFTCollator, build_sft_datasets
+
+    _, val, _ = build_sft_datasets(cfg.data, tok, cfg.seed)
+    return SFTCollator(tok.pad_token_id)([val[i] for i in range(n)])
+
+
+def loss_on(model, batch) -> float:
+    out = finetune.sft_loss(model, batch)
+    return float(out["loss_sum"] / out["n_tokens"])
+
+
+# (recipe, extra overrides): every method of the issue plus one peft method by name (loha)
+METHODS = {
+    "lora": ("finetune_lora", []),
+    "dora": ("finetune_lora", ["peft.method=dora", "peft.loraplus_lr_ratio=4"]),
+    "qlora": ("finetune_lora", ["peft.method=qlora", "peft.dropout=0.0"]),
+    "prefix": ("finetune_prefix", []),
+    "prompt": ("finetune_prompt", []),
+    "ia3": ("finetune_ia3", ["optim.learning_rate=0.3"]),
+    "adapter": ("finetune_adapter", []),
+    "full": ("finetune_full", []),
+    "loha": ("finetune_lora", ["peft.method=loha", "peft.alpha=8", "peft.dropout=0.0", "optim.learning_rate=1e-2"]),
+}
+MERGEABLE = {"lora", "dora", "ia3", "loha"}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_method_trains_keeps_base_and_reloads_exactly(method, base_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    recipe, extra = METHODS[method]
+    merge = ["export.merge=true"] if method in MERGEABLE else []
+    cfg = recipe_cfg(recipe, base_dir, tmp_path / method, *extra, *merge)
+    result, model, tok = finetune.train(cfg)
+
+    # loss fell: on fixed validation examples, the trained model beats the untouched base
+    batch = val_batch(cfg, tok)
+    model.eval()
+    with torch.no_grad():
+        after = loss_on(model, batch)
+        if method == "full":
+            before = loss_on(AutoModelForCausalLM.from_pretrained(base_dir), batch)
+        else:
+            with model.disable_adapter():
+                before = loss_on(model, batch)
+    assert after < before - 1e-3, (before, after)
+    # trainable vs total reported
+    summary = json.loads((tmp_path / method / "summary.json").read_text())
+    counts = summary["parameter_counts"]
+    assert summary["method"] == method and 0 < counts["trainable"] <= counts["total"]
+    final = tmp_path / method / "final"
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=PROBE).logits
+
+    quant = finetune.quantization_config(cfg)
+    load_kw = {"quantization_config": quant, "device_map": {"": "cpu"}} if quant else {}
+    if method == "full":
+        assert counts["trainable"] == counts["total"]
+        fresh = AutoModelForCausalLM.from_pretrained(final)
+        assert not torch.equal(fresh.model.layers[0].mlp.down_proj.weight,
+                               AutoModelForCausalLM.from_pretrained(base_dir).model.layers[0].mlp.down_proj.weight)
+    else:
+        # the adapter alone on disk, with real weights
+        assert (final / "adapter_model.safetensors").stat().st_size > 1000
+        assert not (final / "model.safetensors").exists()
+        assert counts["trainable"] < counts["total"] / 4
+        # base weights bitwise unchanged
+        assert base_state_unchanged(model, AutoModelForCausalLM.from_pretrained(base_dir, **load_kw)) > 0
+        import lmforge.peft  # noqa: F401  (bottleneck adapters load through peft)
+
+        fresh = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, **load_kw), final)
+    with torch.no_grad():
+        reloaded = fresh.eval()(input_ids=PROBE).logits
+    assert torch.equal(logits, reloaded), (logits - reloaded).abs().max()
+
+    if merge:  # merged plain model == base + adapter
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / method / "merged").eval()
+        assert not any("lora" in n or "ia3" in n or "hada" in n for n, _ in merged.named_parameters())
+        with torch.no_grad():
+            torch.testing.assert_close(merged(input_ids=PROBE).logits, logits, atol=2e-5, rtol=1e-4)
+
+
+def test_classification_lora_reports_f1_and_reloads(base_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    cfg = recipe_cfg("classify_lora", base_dir, tmp_path / "cls", "export.merge=true", "train.per_device_train_batch_size=16",
+                     "log.log_every=4", steps=12)
+    result, model, tok = finetune.train(cfg)
+    assert result.train_loss < result.first_train_loss
+    s = json.loads((tmp_path / "cls" / "summary.json").read_text())
+    assert s["data"]["label_names"] == ["food", "sports", "weather"]
+    assert s["classification"]["examples"] == 60 and 0 <= s["classification"]["macro_f1"] <= 1
+    ids = tok(["rain and snow today", "the coach and the team"], return_tensors="pt", padding=True)
+    model.eval()
+    with torch.no_grad():
+        logits = model(**ids).logits
+    final = tmp_path / "cls" / "final"
+    labels = json.loads((final / "labels.json").read_text())["label_names"]
+    base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=len(labels), pad_token_id=tok.pad_token_id)
+    reloaded = PeftModel.from_pretrained(base, final).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(**ids).logits, logits)
+        merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "cls" / "merged").eval()
+        torch.testing.assert_close(merged(**ids).logits, logits, atol=2e-5, rtol=1e-4)
+    assert merged.config.id2label == {0: "food", 1: "sports", 2: "weather"}
+
+
+def test_packed_sft_trains(base_dir, tmp_path):
+    cfg = recipe_cfg("finetune_lora", base_dir, tmp_path / "packed", "data.packing=true", "data.max_seq_length=96", steps=4)
+    result, _, _ = finetune.train(cfg)
+    assert result.train_loss < result.first_train_loss
+    assert json.loads((tmp_path / "packed" / "summary.json").read_text())["step"] == 4
+
+
+def test_generate_cli_prints_a_completion(base_dir, tmp_path, capsys):
+    from lmforge import cli
+
+    cfg = recipe_cfg("finetune_lora", base_dir, tmp_path / "gen", steps=2)
+    finetune.train(cfg)
+    rc = cli.main(["generate", str(tmp_path / "gen" / "final"), "--prompt", "Question: Add 2 and 3.\nAnswer: ",
+                   "--max-new-tokens", "4"])
+    assert rc == 0
+    assert "--- prompt: 'Question: Add 2 and 3.\\nAnswer: '" in capsys.readouterr().out
+
+
+def test_every_shipped_finetune_recipe_parses():
+    recipes = sorted((ROOT / "recipes").glob("*/finetune_*.yaml")) + sorted((ROOT / "recipes").glob("*/classify_*.yaml"))
+    assert len(recipes) >= 8
+    for path in recipes:
+        cfg = load(finetune.Config, path, ["model.name_or_path=" + str(TOKENIZER)] if "tiny" in str(path) else [])
+        finetune.check(cfg)
