@@ -30,8 +30,9 @@ def perturb(text: str, every: int, seed: int) -> str:
 # MinHash
 
 
-def test_signature_agreement_estimates_jaccard():
-    hasher = MinHasher(num_perm=256, ngram=5, seed=3)
+@pytest.mark.parametrize("method", ["oph", "permutations"])
+def test_signature_agreement_estimates_jaccard(method):
+    hasher = MinHasher(num_perm=256, ngram=5, seed=3, method=method)
     pairs = [(d, perturb(d, every, i)) for i, d in enumerate(LONG[:12]) for every in (8, 30)]
     sig = hasher.signatures([t for p in pairs for t in p])
     est = estimated_jaccard(sig, np.array([[2 * i, 2 * i + 1] for i in range(len(pairs))]))
@@ -39,14 +40,17 @@ def test_signature_agreement_estimates_jaccard():
     assert np.abs(est - exact).max() < 0.12  # std of the estimate at 256 perms is < 0.032
     assert abs(np.mean(est - exact)) < 0.03  # unbiased
     # deterministic, batch-independent: the same text gives the same signature in any batch
-    again = MinHasher(num_perm=256, ngram=5, seed=3).signatures([pairs[5][0]])
+    again = MinHasher(num_perm=256, ngram=5, seed=3, method=method).signatures([pairs[5][0]])
     assert (again[0] == sig[10]).all()
 
 
-def test_short_and_empty_documents():
-    sig = MinHasher(num_perm=16, ngram=5).signatures(["", "two words", "two words", "other words here"])
+@pytest.mark.parametrize("method", ["oph", "permutations"])
+def test_short_and_empty_documents(method):
+    sig = MinHasher(num_perm=16, ngram=5, method=method).signatures(["", "two words", "two words", "other words here"])
     assert (sig[0] == np.iinfo(np.uint32).max).all()
     assert (sig[1] == sig[2]).all() and not (sig[1] == sig[3]).all()
+    # a one-shingle document fills every bin (densification) with that shingle's value
+    assert len(set(sig[1].tolist())) == (1 if method == "oph" else 16)
 
 
 def test_optimal_param_matches_threshold():

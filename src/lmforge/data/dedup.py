@@ -16,6 +16,7 @@ import dataclasses
 import json
 import re
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import xxhash
@@ -32,7 +33,10 @@ _WS = re.compile(r"\s+")
 class NearDedupConfig:
     enabled: bool = help_field(True, help="MinHash-LSH near-duplicate removal (one document kept per cluster).")
     ngram: int = help_field(5, help="Shingle size in words.")
-    num_perm: int = help_field(128, help="Hash functions per signature.")
+    num_perm: int = help_field(128, help="Signature length (bins for oph, hash functions for permutations).")
+    method: Literal["oph", "permutations"] = help_field(
+        "oph", help="oph: one hash per shingle into num_perm bins, densified (fast); permutations: classic num_perm hashes."
+    )
     threshold: float = help_field(0.8, help="Target Jaccard similarity; bands/rows are derived from it when not given.")
     bands: int | None = help_field(None, help="LSH bands (with rows; bands*rows <= num_perm). Default: optimal for threshold.")
     rows: int | None = help_field(None, help="Rows per band.")
@@ -53,9 +57,12 @@ class NearDedupConfig:
         return out
 
     def band_rows(self) -> tuple[int, int]:
+        """Given, or optimal for the threshold. With ``verify``, false positives cost one signature
+        comparison and are then dropped, so the S-curve is tilted towards recall (FP:FN weights 1:9)."""
         if self.bands is not None and self.rows is not None:
             return self.bands, self.rows
-        return optimal_param(self.threshold, self.num_perm)
+        weights = (0.1, 0.9) if self.verify else (0.5, 0.5)
+        return optimal_param(self.threshold, self.num_perm, *weights)
 
 
 @dataclasses.dataclass
@@ -81,7 +88,7 @@ class DedupKeys(PipelineStep):
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         near = self.cfg.near
-        hasher = MinHasher(near.num_perm, near.ngram, near.seed) if near.enabled else None
+        hasher = MinHasher(near.num_perm, near.ngram, near.seed, near.method) if near.enabled else None
         keys, sigs, ids, batch = [], [], [], []
 
         def flush():

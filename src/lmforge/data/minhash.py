@@ -17,14 +17,22 @@ Hash family: ``h_j(x) = (a_j * x + b_j) >> 32`` in wrapping uint64 arithmetic wi
 from __future__ import annotations
 
 import dataclasses
-import re
+import string
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from itertools import chain
 
 import numpy as np
 import xxhash
 
-_WORD = re.compile(r"\w+")
+# Words = lower-cased text split on whitespace after punctuation becomes space: the same words as
+# re.findall(r"\w+") for Latin text (underscore kept), 3-4x faster (str.translate and str.split run in C).
+_PUNCT = "".join(c for c in string.punctuation if c != "_") + "\u2014\u2013\u2018\u2019\u201c\u201d\u2026\u00ab\u00bb\u3002\u3001\uff0c\u00bf\u00a1"
+_TO_SPACE = str.maketrans({c: " " for c in _PUNCT})
+
+
+def words(text: str) -> list[str]:
+    return text.lower().translate(_TO_SPACE).split()
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # n-gram polynomial base (odd, golden ratio)
 _SIG_DTYPE = np.uint32
 _MAX_CELLS = 262_144  # (shingles x permutations) cells per numpy block: 2 MB of uint64, stays in cache (4x faster than 32 MB)
@@ -58,18 +66,24 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 class MinHasher:
     """Computes MinHash signatures ``(n_docs, num_perm)`` uint32 for batches of texts.
 
-    ``ngram``: shingle size in words (text lower-cased, split on ``\\w+``); a document with fewer words
+    ``ngram``: shingle size in words (see :func:`words`); a document with fewer words
     is one shingle. Empty documents get an all-``0xFFFFFFFF`` signature (never matches a real one).
     """
 
     num_perm: int = 128
     ngram: int = 5
     seed: int = 1
+    method: str = "oph"  # "oph" (one permutation + densification) or "permutations" (num_perm hashes)
 
     def __post_init__(self):
+        if self.method not in ("oph", "permutations"):
+            raise ValueError(f"method must be 'oph' or 'permutations', got {self.method!r}")
         rng = np.random.default_rng(self.seed)
         self.a = rng.integers(1, 2**63, size=self.num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)  # odd
         self.b = rng.integers(0, 2**63, size=self.num_perm, dtype=np.uint64)
+        self._salt = np.uint64(rng.integers(0, 2**63))
+        # densification: bin j borrows from bins probe[j, 0], probe[j, 1], ... (the same for every document)
+        self._probe = rng.integers(0, self.num_perm, size=(self.num_perm, 4 * self.num_perm))
         self._vocab = self._new_vocab()
         self._word_hash = np.zeros(0, dtype=np.uint64)
 
@@ -80,10 +94,10 @@ class MinHasher:
         return vocab
 
     # -- words -> 64-bit word hashes via a growing table: each distinct word is hashed once --
-    def _word_hashes(self, words: list[str]) -> np.ndarray:
+    def _word_hashes(self, words: Iterable[str], count: int) -> np.ndarray:
         vocab = self._vocab  # a defaultdict whose default is "the next id": the lookup loop runs in C
         n0 = len(vocab)
-        ids = np.fromiter(map(vocab.__getitem__, words), dtype=np.int64, count=len(words))
+        ids = np.fromiter(map(vocab.__getitem__, words), dtype=np.int64, count=count)
         if len(vocab) > n0:
             new = list(vocab)[n0:]  # dicts keep insertion order
             hashes = np.fromiter((xxhash.xxh64_intdigest(w) for w in new), dtype=np.uint64, count=len(new))
@@ -95,10 +109,9 @@ class MinHasher:
 
     def shingles(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """All shingle hashes of a batch, concatenated: (hashes (S,) uint64, doc_of_shingle (S,) int64)."""
-        words_per_doc = [_WORD.findall(t.lower()) for t in texts]
-        lengths = np.array([len(w) for w in words_per_doc], dtype=np.int64)
-        flat = [w for ws in words_per_doc for w in ws]
-        w = self._word_hashes(flat)  # (total_words,) uint64
+        words_per_doc = [words(t) for t in texts]
+        lengths = np.fromiter(map(len, words_per_doc), dtype=np.int64, count=len(texts))
+        w = self._word_hashes(chain.from_iterable(words_per_doc), int(lengths.sum()))  # (total_words,) uint64
         n = self.ngram
         # h[p] = sum_k w[p+k] * MIX^k over k < n (wrapping uint64); valid where p+n <= end of p's document
         total = len(w)
@@ -135,6 +148,8 @@ class MinHasher:
         x, docs = self.shingles(texts)
         if len(x) == 0:
             return sig
+        if self.method == "oph":
+            return self._oph(x, docs, sig)
         present, starts = np.unique(docs, return_index=True)  # docs is sorted
         step = max(1, _MAX_CELLS // len(x))
         shift = np.uint64(32)
@@ -146,6 +161,51 @@ class MinHasher:
                 # >> 32 is monotone, so the min of the shifted values is the shifted min: shift after reducing
                 sig[present, p0 : p0 + step] = (np.minimum.reduceat(hv, starts, axis=0) >> shift).astype(_SIG_DTYPE)
         return sig
+
+    def _oph(self, x: np.ndarray, docs: np.ndarray, sig: np.ndarray) -> np.ndarray:
+        """One permutation hashing (Li, Owen & Zhang 2012) with optimal densification (Shrivastava 2017).
+
+        One hash per shingle: its high bits pick one of ``num_perm`` bins, its low 32 bits are the value;
+        each bin keeps its minimum. An empty bin (short documents) copies the value of the first non-empty
+        bin in a probe sequence shared by all documents, which keeps P(equal bin) = Jaccard. Work is
+        O(shingles) instead of O(shingles x num_perm).
+        """
+        p = self.num_perm
+        h = _splitmix64(x ^ self._salt)
+        bins = ((h >> np.uint64(32)) % np.uint64(p)).astype(np.int64)
+        key = docs * p + bins  # (S,) flat index into sig
+        # sort (key, value) packed in one uint64: the first entry of each key is its minimum value
+        packed = (key.astype(np.uint64) << np.uint64(32)) | (h & np.uint64(0xFFFFFFFF))
+        packed.sort()
+        k = (packed >> np.uint64(32)).astype(np.int64)
+        first = np.empty(len(k), dtype=bool)
+        first[0] = True
+        np.not_equal(k[1:], k[:-1], out=first[1:])
+        flat = sig.reshape(-1)
+        flat[k[first]] = (packed[first] & np.uint64(0xFFFFFFFF)).astype(_SIG_DTYPE)
+        filled = np.zeros(flat.shape, dtype=bool)
+        filled[k[first]] = True
+        filled = filled.reshape(sig.shape)
+        rows = np.nonzero(~filled.all(axis=1) & filled.any(axis=1))[0]
+        if len(rows):
+            self._densify(sig, filled, rows)
+        return sig
+
+    def _densify(self, sig: np.ndarray, filled: np.ndarray, rows: np.ndarray) -> None:
+        for chunk in np.array_split(rows, max(1, len(rows) // 64)):
+            f = filled[chunk]  # (R, P)
+            hits = f[:, self._probe]  # (R, P, T): is the t-th probe of bin j filled?
+            t = hits.argmax(axis=2)  # first filled probe
+            found = hits.any(axis=2)
+            src = self._probe[np.arange(self.num_perm)[None, :], t]  # (R, P) bin to copy from
+            s = sig[chunk]
+            take = ~f & found
+            s[take] = np.take_along_axis(s, src, axis=1)[take]
+            left = ~f & ~found  # astronomically rare with 4*P probes; fall back to the next filled bin
+            for r, j in zip(*np.nonzero(left)):
+                nz = np.nonzero(f[r])[0]
+                s[r, j] = s[r, nz[np.searchsorted(nz, j) % len(nz)]]
+            sig[chunk] = s
 
     def signatures_batched(self, texts: Iterable[str], batch_size: int = 2000) -> np.ndarray:
         out, batch = [], []
@@ -227,7 +287,7 @@ def jaccard(a: str, b: str, ngram: int = 5) -> float:
     """Exact Jaccard similarity of two texts' word n-gram sets (same shingling as MinHasher)."""
 
     def grams(t: str) -> set[tuple[str, ...]]:
-        w = _WORD.findall(t.lower())
+        w = words(t)
         if len(w) < ngram:
             return {tuple(w)} if w else set()
         return {tuple(w[i : i + ngram]) for i in range(len(w) - ngram + 1)}
