@@ -14,10 +14,12 @@ from typing import ClassVar
 
 from lmforge.config import RunConfig, nested
 from lmforge.data.lm import LMDataConfig, build_lm_datasets
-from lmforge.models import ModelConfig, load_causal_lm, load_tokenizer
+from lmforge.data.mlm import ensure_mask_token, load_masked_lm
+from lmforge.models import ModelConfig, build_model_config, load_causal_lm, load_tokenizer
 from lmforge.optim.optimizers import OptimConfig
 from lmforge.optim.schedules import ScheduleConfig
 from lmforge.train import loop
+from lmforge.train.regularize import dropout_overrides, objective_kwargs
 from lmforge.train.settings import CheckpointConfig, EvalConfig, LogConfig, TrainConfig
 
 
@@ -38,16 +40,21 @@ def main(cfg: Config) -> loop.RunResult:
     # ---- setup: accelerator first (ZeRO-3 must exist before weights are created) ----
     acc = loop.setup(cfg)
     tokenizer = load_tokenizer(cfg.model)
+    if cfg.train.objective == "mlm":
+        ensure_mask_token(tokenizer, cfg.train.mask_token)  # causal-LM tokenizers have none: add it
 
     # ---- data: packed blocks (tokenized once on the main process, then read from the cache) ----
     with acc.main_process_first():
         train_ds, val_ds = build_lm_datasets(cfg.data, tokenizer, cfg.seed)
 
-    # ---- model: fresh from config (seeded) or loaded ----
-    model = load_causal_lm(cfg.model, tokenizer)
+    # ---- model: fresh from config (seeded) or loaded; a masked LM for train.objective=mlm ----
+    dropout = dropout_overrides(cfg.train.dropout, build_model_config(cfg.model))  # train.dropout -> config keys
+    load_model = load_masked_lm if cfg.train.objective == "mlm" else load_causal_lm
+    model = load_model(cfg.model, tokenizer, **dropout)
 
-    # ---- train ----
-    result = loop.run(acc, cfg, model, train_ds, val_ds, tokenizer=tokenizer, seq_len=cfg.data.block_size)
+    # ---- train (objective_kwargs: MLM masking, label smoothing, length curriculum; {} for plain causal LM) ----
+    result = loop.run(acc, cfg, model, train_ds, val_ds, tokenizer=tokenizer, seq_len=cfg.data.block_size,
+                      **objective_kwargs(cfg, tokenizer, train_ds, acc.process_index, acc.num_processes))
     if acc.is_main_process:
         print(f"\npretrain done: {result.step} steps, train loss {result.train_loss:.4f}"
               + (f", eval loss {result.eval['loss']:.4f} (ppl {result.eval['perplexity']:.2f})" if result.eval else ""))

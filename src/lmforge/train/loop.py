@@ -40,9 +40,11 @@ from lmforge.optim.param_groups import build_param_groups
 from lmforge.optim.schedules import apply_lr, make_schedule
 from lmforge.train import checkpoint
 from lmforge.train.accel import is_deepspeed, is_sharded, layout_info, make_accelerator
+from lmforge.train.ema import EMA
 from lmforge.train.flops import flops_per_token, model_dims, peak_flops
 from lmforge.train.metrics import MetricsLog, available_trackers, flat_config
 from lmforge.train.plots import plot_training
+from lmforge.train.regularize import check_finite, early_stop
 
 log = logging.getLogger("lmforge")
 
@@ -247,6 +249,7 @@ def run(
     hf_config = getattr(model, "config", None)
     model, optimizer = acc.prepare(model, optimizer)
     lr_at = make_schedule(cfg.schedule, cfg.optim.learning_rate, T, model_config=hf_config)
+    ema = EMA.maybe(tc.ema, acc, model)  # registered for checkpointing before resume, so resume restores it
     if batches is None:
         batches = RankBatches(train_data, tc.per_device_train_batch_size, collate, cfg.seed, acc.process_index,
                               acc.num_processes)
@@ -310,6 +313,7 @@ def run(
                 res = loss_fn(model, b)
                 acc.backward(res["loss_sum"] * scale.to(res["loss_sum"].dtype))
                 step_loss += res["loss_sum"].detach().double()
+        check_finite(acc, step_loss, step + 1, ckpt_root)  # NaN/inf: stop before stepping or saving
         if is_deepspeed(acc):
             grad_norm = model.get_global_grad_norm()  # the engine stepped and clipped inside backward
         else:
@@ -318,6 +322,8 @@ def run(
         optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
         state["micro_batches"] += gas
+        if ema is not None:
+            ema.update(acc.unwrap_model(model), state["step"])
         input_tokens = seq_len * tc.per_device_train_batch_size * gas * acc.num_processes
         state["tokens_seen"] += input_tokens
         window_loss += step_loss
@@ -329,8 +335,6 @@ def run(
 
         if step % cfg.log.log_every == 0 or step == stop or step == 1:
             loss = float(acc.reduce(window_loss, reduction="sum")) / max(window_tokens, 1.0)
-            if not math.isfinite(loss):
-                raise RuntimeError(f"loss became {loss} at step {step}; lower optim.learning_rate or check the data")
             tps = window_input_tokens / max(window_time, 1e-9)
             row = {"loss": loss, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                    "tokens_per_s": tps, "mfu": fpt * tps / (peak * acc.num_processes), "tokens_seen": state["tokens_seen"]}
@@ -342,12 +346,15 @@ def run(
             window_tokens, window_input_tokens, window_time = 0.0, 0, 0.0
 
         if eval_data is not None and ((eval_every and step % eval_every == 0) or step == T):
-            last_eval = evaluate(acc, model, eval_data, collate, loss_fn, cfg.eval.per_device_eval_batch_size,
-                                 cfg.eval.max_eval_batches)
+            with EMA.eval_weights(ema, acc, model):  # the averaged weights when train.ema.use_for_eval
+                last_eval = evaluate(acc, model, eval_data, collate, loss_fn, cfg.eval.per_device_eval_batch_size,
+                                     cfg.eval.max_eval_batches)
             metrics.write(step, "eval", last_eval)
             if state["best_eval_loss"] is None or last_eval["loss"] < state["best_eval_loss"]:
                 state["best_eval_loss"] = last_eval["loss"]
             log.info("step %d eval loss %.4f ppl %.2f acc %.3f", step, last_eval["loss"], last_eval["perplexity"], last_eval["accuracy"])
+            if early_stop(tc.early_stopping, state, last_eval["loss"]):
+                stop = step  # checkpoint below, then leave the loop and save the final model
 
         if (save_every and step % save_every == 0) or (step == stop and stop < T):
             path = checkpoint.save(acc, ckpt_root, step, state, to_dict(cfg), cfg.checkpoint.keep_last)
@@ -356,8 +363,11 @@ def run(
 
     # 5) final model, plots, summary ------------------------------------------------------------------
     final_dir = None
-    if save_final and state["step"] >= T:
+    if save_final and (state["step"] >= T or state.get("stopped_early")):
         final_dir = save_model(acc, model, out / "final", tokenizer=tokenizer, recipe=cfg)
+        if ema is not None:
+            with ema.swapped_in(acc.unwrap_model(model)):
+                save_model(acc, model, out / "final_ema", tokenizer=tokenizer, recipe=cfg)
     # One digest per rank: under DDP/ZeRO-1/2 every rank must hold bitwise-identical parameters.
     digests = None if is_sharded(acc) else gather_object([_param_digest(acc.unwrap_model(model))])
     if acc.is_main_process:
@@ -369,6 +379,7 @@ def run(
             "distributed_type": str(acc.distributed_type), "num_processes": acc.num_processes,
             "model_wrapper": type(model).__name__, "mixed_precision": acc.mixed_precision, **layout_info(acc),
             "param_digest_per_rank": digests, "final_dir": str(final_dir) if final_dir else None,
+            "stopped_early": bool(state.get("stopped_early")),
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
     acc.end_training()

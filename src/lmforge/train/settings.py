@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from lmforge.config import help_field
+from lmforge.config import help_field, nested
+from lmforge.train.ema import EMAConfig
+from lmforge.train.regularize import CurriculumConfig, DropoutConfig, EarlyStoppingConfig
 
 
 @dataclasses.dataclass
@@ -23,6 +25,16 @@ class TrainConfig:
     peak_flops: float | None = help_field(
         None, help="Device peak FLOP/s for MFU (null: measured once by a matmul probe and cached)."
     )
+    # Objectives and regularisation (docs/optim.md)
+    objective: Literal["causal", "mlm"] = help_field(
+        "causal", help="causal: next-token LM; mlm: masked LM for encoder configs (BERT/RoBERTa), 80/10/10 masking.")
+    mlm_probability: float = help_field(0.15, help="mlm: fraction of non-special tokens chosen for prediction.")
+    mask_token: str = help_field("[MASK]", help="mlm: added as a special token when the tokenizer has no mask token.")
+    label_smoothing: float = help_field(0.0, help="Label smoothing ε of the training loss (validation loss stays plain CE).")
+    dropout: DropoutConfig = nested(DropoutConfig)
+    ema: EMAConfig = nested(EMAConfig)
+    curriculum: CurriculumConfig = nested(CurriculumConfig)
+    early_stopping: EarlyStoppingConfig = nested(EarlyStoppingConfig)
 
     def problems(self) -> list[str]:
         out = []
@@ -34,6 +46,10 @@ class TrainConfig:
             out.append("gradient_accumulation_steps: must be > 0")
         if self.stop_at_step is not None and not 0 < self.stop_at_step <= self.max_steps:
             out.append("stop_at_step: must be in (0, max_steps]")
+        if not 0 <= self.label_smoothing < 1:
+            out.append("label_smoothing: must be in [0, 1)")
+        if not 0 < self.mlm_probability < 1:
+            out.append("mlm_probability: must be in (0, 1)")
         return out
 
 
