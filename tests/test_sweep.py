@@ -77,11 +77,11 @@ def test_grid_sweep_runs_trials_and_resumes(tmp_path):
 
     argv = ["sweep", "recipes/tiny/pretrain.yaml", "train.max_steps=4", "data.block_size=32",
             "train.per_device_train_batch_size=4", "eval.eval_every=2", "eval.max_eval_batches=2",
-            "checkpoint.save_every=0", "log.trackers=[]", "schedule.warmup_steps=1",
-            "--grid", "optim.learning_rate=1e-4,3e-3", "--out", str(tmp_path)]
+            "checkpoint.save_every=0", "log.trackers=[]", "schedule.warmup_steps=1", "schedule.min_lr=0",
+            "--grid", "optim.learning_rate=2e-4,5e-3", "--out", str(tmp_path)]
     assert main(argv) == 0
     table = list(csv.DictReader(open(tmp_path / "summary.csv")))
-    assert [r["optim.learning_rate"] for r in table] == ["3e-3", "1e-4"]  # the larger lr learns more in 4 steps
+    assert [r["optim.learning_rate"] for r in table] == ["5e-3", "2e-4"]  # the larger lr learns more in 4 steps
     assert float(table[0]["val_loss"]) < float(table[1]["val_loss"])
     assert all(r["status"] == "done" and r["steps"] == "4" for r in table)
     assert (tmp_path / "loss_curves.png").stat().st_size > 10_000
@@ -93,3 +93,5 @@ def test_grid_sweep_runs_trials_and_resumes(tmp_path):
 
     with pytest.raises(UserError, match="holds a different sweep"):
         cli(argv[1:-4] + ["--grid", "optim.learning_rate=1e-2", "--out", str(tmp_path)])
+    with pytest.raises(UserError, match=r"schedule.min_lr: 0.0003 must be below optim.learning_rate=0.0001"):
+        cli(["recipes/tiny/pretrain.yaml", "--grid", "optim.learning_rate=1e-4,1e-3", "--out", str(tmp_path / "x")])

@@ -221,6 +221,19 @@ def plot_curves(sweep_dir: Path, rows: list[dict[str, Any]], keys: list[str]) ->
     return path
 
 
+def _check_trial(cfg, trial: dict[str, str]) -> None:
+    """Cross-group rules checked only when training starts (e.g. schedule.min_lr below the swept lr)."""
+    from lmforge.optim.schedules import make_schedule
+
+    sched = getattr(cfg, "schedule", None)
+    if sched is None or not hasattr(cfg, "optim") or (sched.name == "noam" and sched.d_model is None):
+        return
+    try:
+        make_schedule(sched, cfg.optim.learning_rate, cfg.train.max_steps)
+    except UserError as e:
+        raise UserError([f"trial {trial}: {p}" for p in e.problems]) from None
+
+
 def cli(argv: list[str]) -> int:
     args = parse_args(argv)
     if args.get("help"):
@@ -236,7 +249,7 @@ def cli(argv: list[str]) -> int:
     module = _import_stage(stage)
     base = load(module.Config, recipe, args["fixed"])  # fail fast on a bad recipe or fixed override
     for t in args["trials"]:  # ... and on a bad swept key or value, before any training
-        load(module.Config, recipe, [*args["fixed"], *(f"{k}={v}" for k, v in t.items())])
+        _check_trial(load(module.Config, recipe, [*args["fixed"], *(f"{k}={v}" for k, v in t.items())]), t)
     sweep_dir = Path(args["out"] or f"{str(base.output_dir).rstrip('/')}_sweep")
     sweep_dir.mkdir(parents=True, exist_ok=True)
     keys = list(dict.fromkeys(k for t in args["trials"] for k in t))
