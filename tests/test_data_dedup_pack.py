@@ -69,7 +69,7 @@ def test_cluster_finds_planted_near_duplicates_only():
     far = [perturb(base[i], 4, i) for i in range(5, 10)]  # Jaccard ~0.3
     texts = base + near + far
     sig = MinHasher().signatures(texts)
-    b, r = optimal_param(0.8, 128)
+    b, r = NearDedupConfig(threshold=0.8).band_rows()  # the stage's default: recall-tilted, then verified
     roots = cluster(sig, b, r, threshold=0.8)
     for i in range(5):
         assert jaccard(base[i], near[i]) > 0.85

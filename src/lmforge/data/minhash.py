@@ -18,17 +18,21 @@ from __future__ import annotations
 
 import dataclasses
 import string
-from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from itertools import chain
 
 import numpy as np
-import xxhash
 
 # Words = lower-cased text split on whitespace after punctuation becomes space: the same words as
 # re.findall(r"\w+") for Latin text (underscore kept), 3-4x faster (str.translate and str.split run in C).
 _PUNCT = "".join(c for c in string.punctuation if c != "_") + "\u2014\u2013\u2018\u2019\u201c\u201d\u2026\u00ab\u00bb\u3002\u3001\uff0c\u00bf\u00a1"
-_TO_SPACE = str.maketrans({c: " " for c in _PUNCT})
+# Unicode whitespace str.split() knows but that is not an ASCII space byte: mapped to " " so that the
+# byte-level word splitting below and ``words`` agree.
+_UNICODE_SPACES = "\x1c\x1d\x1e\x1f\x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
+_TO_SPACE = str.maketrans({c: " " for c in _PUNCT + _UNICODE_SPACES})
+_SPACE_BYTE = np.zeros(256, dtype=bool)
+_SPACE_BYTE[list(b" \t\n\r\x0b\x0c")] = True
+_BYTE_BASE = np.uint64(0x100000001B3)  # FNV prime: base of the per-word polynomial byte hash
+_BYTE_BASE_INV = np.uint64(pow(0x100000001B3, -1, 2**64))  # its inverse mod 2**64
 
 
 def words(text: str) -> list[str]:
@@ -84,34 +88,10 @@ class MinHasher:
         self._salt = np.uint64(rng.integers(0, 2**63))
         # densification: bin j borrows from bins probe[j, 0], probe[j, 1], ... (the same for every document)
         self._probe = rng.integers(0, self.num_perm, size=(self.num_perm, 4 * self.num_perm))
-        self._vocab = self._new_vocab()
-        self._word_hash = np.zeros(0, dtype=np.uint64)
-
-    @staticmethod
-    def _new_vocab() -> defaultdict:
-        vocab: defaultdict = defaultdict()
-        vocab.default_factory = vocab.__len__
-        return vocab
-
-    # -- words -> 64-bit word hashes via a growing table: each distinct word is hashed once --
-    def _word_hashes(self, words: Iterable[str], count: int) -> np.ndarray:
-        vocab = self._vocab  # a defaultdict whose default is "the next id": the lookup loop runs in C
-        n0 = len(vocab)
-        ids = np.fromiter(map(vocab.__getitem__, words), dtype=np.int64, count=count)
-        if len(vocab) > n0:
-            new = list(vocab)[n0:]  # dicts keep insertion order
-            hashes = np.fromiter((xxhash.xxh64_intdigest(w) for w in new), dtype=np.uint64, count=len(new))
-            self._word_hash = np.concatenate([self._word_hash, hashes])
-        out = self._word_hash[ids]
-        if len(vocab) > 2_000_000:  # bound memory on huge corpora: start a fresh table next batch
-            self._vocab, self._word_hash = self._new_vocab(), np.zeros(0, dtype=np.uint64)
-        return out
 
     def shingles(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """All shingle hashes of a batch, concatenated: (hashes (S,) uint64, doc_of_shingle (S,) int64)."""
-        words_per_doc = [words(t) for t in texts]
-        lengths = np.fromiter(map(len, words_per_doc), dtype=np.int64, count=len(texts))
-        w = self._word_hashes(chain.from_iterable(words_per_doc), int(lengths.sum()))  # (total_words,) uint64
+        w, lengths = self._batch_word_hashes(texts)  # (total_words,) uint64, words per document
         n = self.ngram
         # h[p] = sum_k w[p+k] * MIX^k over k < n (wrapping uint64); valid where p+n <= end of p's document
         total = len(w)
@@ -140,6 +120,44 @@ class MinHasher:
             order = np.argsort(docs, kind="stable")
             hashes, docs = hashes[order], docs[order]
         return _splitmix64(hashes), docs
+
+    @staticmethod
+    def _batch_word_hashes(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """64-bit hashes of every word of every text, in order, and the number of words per text.
+
+        No Python work per word: the batch becomes one byte array; word boundaries, each byte's position
+        in its word and the polynomial hash ``sum((byte + 1) * B**pos)`` (then splitmix64) are numpy ops.
+        """
+        parts = [t.lower().translate(_TO_SPACE).encode("utf-8", "surrogatepass") for t in texts]
+        ends = np.cumsum(np.fromiter(map(len, parts), dtype=np.int64, count=len(parts)) + 1) - 1
+        b = np.frombuffer(b" ".join(parts), dtype=np.uint8)  # documents separated by one space
+        is_word = ~_SPACE_BYTE[b]
+        edges = np.diff(is_word.astype(np.int8), prepend=np.int8(0), append=np.int8(0))
+        w_start = np.flatnonzero(edges == 1)
+        w_len = np.flatnonzero(edges == -1) - w_start
+        n_docs = len(texts)
+        if len(w_start) == 0:
+            return np.zeros(0, dtype=np.uint64), np.zeros(n_docs, dtype=np.int64)
+        # sum over a word of (byte + 1) * B**(absolute position), then times B**-(word start): the
+        # polynomial hash of the word alone (B is odd, so invertible mod 2**64)
+        n = len(b)
+        with np.errstate(over="ignore"):
+            powers = np.full(n + 1, _BYTE_BASE, dtype=np.uint64)
+            powers[0] = 1
+            np.cumprod(powers, out=powers)
+            vals = b.astype(np.uint64)
+            vals += np.uint64(1)
+            vals *= powers[:n]
+            vals = np.append(vals, np.uint64(0))  # reduceat needs an index past the last word's end
+            bounds = np.empty(2 * len(w_start), dtype=np.int64)
+            bounds[0::2], bounds[1::2] = w_start, w_start + w_len
+            sums = np.add.reduceat(vals, bounds)[0::2]
+            inv = np.full(n + 1, _BYTE_BASE_INV, dtype=np.uint64)
+            inv[0] = 1
+            np.cumprod(inv, out=inv)
+            hashes = _splitmix64(sums * inv[w_start])
+        doc_of_word = np.searchsorted(ends, w_start, side="right")
+        return hashes, np.bincount(doc_of_word, minlength=n_docs).astype(np.int64)
 
     def signatures(self, texts: Sequence[str]) -> np.ndarray:
         """(n_docs, num_perm) uint32 MinHash signatures of ``texts``."""
