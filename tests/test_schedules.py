@@ -111,13 +111,16 @@ def test_warmup_ratio_and_noam_d_model_from_model_config():
     assert noam(W) == pytest.approx(256 ** -0.5 * W ** -0.5)
 
 
-def test_optimizer_receives_the_scheduled_lr_times_group_scale():
-    """apply_lr is what the loop calls before each update: check the value lands in the groups and
-    that a real SGD update moves the weight by exactly lr·scale·grad."""
+@pytest.mark.parametrize("key", list(CLOSED_FORMS))
+def test_optimizer_receives_the_scheduled_lr_times_group_scale(key):
+    """apply_lr is what the loop calls before each update: check the closed-form value lands in the
+    groups and that a real SGD update moves the weight by exactly lr·scale·grad."""
     w1, w2 = (torch.nn.Parameter(torch.ones(3, dtype=torch.float64)) for _ in range(2))
     opt = torch.optim.SGD([{"params": [w1], "lr_scale": 1.0}, {"params": [w2], "lr_scale": 0.25}], lr=1.0)
-    lr_at = make_schedule(ScheduleConfig(name="cosine", warmup_steps=W, min_lr=LO), PEAK, T)
+    extra, closed = CLOSED_FORMS[key]
+    lr_at = make_schedule(_cfg(key, extra), PEAK, T)
     for s in STEPS:
+        assert lr_at(s) == pytest.approx(closed(s), rel=1e-9, abs=1e-15)
         apply_lr(opt, lr_at(s))
         assert [g["lr"] for g in opt.param_groups] == [pytest.approx(lr_at(s)), pytest.approx(0.25 * lr_at(s))]
         before1, before2 = w1.detach().clone(), w2.detach().clone()

@@ -78,11 +78,10 @@ class ScheduleConfig:
             out.append("warmup_ratio: must be in [0, 1)")
         if self.min_lr < 0:
             out.append("min_lr: must be >= 0")
-        defaults = ScheduleConfig.__new__(ScheduleConfig)
-        for f in dataclasses.fields(ScheduleConfig):
-            setattr(defaults, f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                    for f in dataclasses.fields(ScheduleConfig)}
         for key, users in _ONLY_FOR.items():
-            if self.name not in users and getattr(self, key) != getattr(defaults, key):
+            if self.name not in users and getattr(self, key) != defaults[key]:
                 out.append(f"{key}: only read by schedule {' / '.join(users)}, not '{self.name}'; remove it")
         has_warmup = bool(self.warmup_steps) or bool(self.warmup_ratio)
         if self.name in _NO_WARMUP and has_warmup:
