@@ -133,3 +133,24 @@ def test_nan_loss_stops_with_last_good_checkpoint_kept(tmp_path):
         loop.run(acc, cfg, model, train_ds, val_ds, loss_fn=poisoned_loss, seq_len=32)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_2", "step_4"]
     assert all(torch.isfinite(p).all() for p in model.parameters()), "the NaN step did not reach the weights"
+
+
+def test_ema_weights_are_used_for_eval_and_saved(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lmforge.data.lm import build_lm_datasets
+    from lmforge.models import load_tokenizer
+
+    cfg, result = run("pretrain.yaml", tmp_path, "train.max_steps=4", "eval.eval_every=4", "train.ema.decay=0.5",
+                      "train.ema.use_for_eval=true", *SMALL)
+    _, val = build_lm_datasets(cfg.data, load_tokenizer(cfg.model), cfg.seed)
+    ids = val[:16]["input_ids"]  # the 2 eval batches of 8 a single process scores
+
+    def loss_of(folder):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / folder).eval()
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[:, :-1]
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1)).item()
+
+    assert loss_of("final_ema") == pytest.approx(result.eval["loss"], abs=1e-4)
+    assert abs(loss_of("final") - result.eval["loss"]) > 1e-3
