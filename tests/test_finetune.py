@@ -90,7 +90,10 @@ METHODS = {
 MERGEABLE = {"lora", "dora", "ia3", "loha"}
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+SLOW = {"dora", "loha"}  # variants of lora: make test-slow
+
+
+@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) if m in SLOW else m for m in METHODS])
 def test_method_trains_keeps_base_and_reloads_exactly(method, base_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -181,15 +184,42 @@ def test_packed_sft_trains(base_dir, tmp_path):
     assert json.loads((tmp_path / "packed" / "summary.json").read_text())["step"] == 4
 
 
-def test_generate_cli_prints_a_completion(base_dir, tmp_path, capsys):
-    from lmforge import cli
+def test_generate_cli_from_an_adapter_folder_and_a_plain_model(base_dir, tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cfg = recipe_cfg("finetune_lora", base_dir, tmp_path / "gen", steps=2)
-    finetune.train(cfg)
-    rc = cli.main(["generate", str(tmp_path / "gen" / "final"), "--prompt", "Question: Add 2 and 3.\nAnswer: ",
+    from lmforge import cli
+    from lmforge.generate import generate, load_for_generation
+
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=4, target_modules="all-linear"))
+    peft_model.save_pretrained(tmp_path / "ad")
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(tmp_path / "ad")
+    rc = cli.main(["generate", str(tmp_path / "ad"), "--prompt", "Question: Add 2 and 3.\nAnswer: ", "--prompt", "Hi",
                    "--max-new-tokens", "4"])
-    assert rc == 0
-    assert "--- prompt: 'Question: Add 2 and 3.\\nAnswer: '" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert rc == 0 and "--- prompt: 'Question: Add 2 and 3.\\nAnswer: '" in out and "--- prompt: 'Hi'" in out
+    model, tok = load_for_generation(base_dir)
+    text = generate(model, tok, "hello", max_new_tokens=5)  # greedy: deterministic
+    assert text == generate(model, tok, "hello", max_new_tokens=5)
+    assert generate(model, tok, "hi", chat=True, max_new_tokens=3) is not None
+    assert cli.main(["generate", str(tmp_path / "nothing"), "--prompt", "x"]) == 2
+    assert "error: MODEL_DIR: " in capsys.readouterr().err
+
+
+def test_loraplus_and_layerwise_decay_groups(base_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = recipe_cfg("finetune_lora", base_dir, tmp_path, "peft.loraplus_lr_ratio=16")
+    model = finetune.apply_method(cfg, AutoModelForCausalLM.from_pretrained(base_dir))
+    groups = finetune.param_groups(cfg, model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for g in groups:
+        is_b = {".lora_B." in names[id(p)] for p in g["params"]}
+        assert len(is_b) == 1  # A and B never share a group
+        assert g["lr_scale"] == (16.0 if is_b.pop() else 1.0)
+    full = recipe_cfg("finetune_full", base_dir, tmp_path, "optim.layerwise_lr_decay=0.5")
+    scales = {g["lr_scale"] for g in finetune.param_groups(full, finetune.apply_method(full, AutoModelForCausalLM.from_pretrained(base_dir)))}
+    assert {1.0, 0.5, 0.25} <= scales  # head, last block, first block (2 layers)
 
 
 def test_every_shipped_finetune_recipe_parses():
