@@ -43,6 +43,7 @@ def test_random_draws_log_uniform_lrs_ints_and_choices_reproducibly():
     (["r.yaml", "--random", "2", "optim.learning_rate=0:1e-2"], "lo > 0"),
     (["r.yaml", "--grid", "optim.learning_rate"], "expected key.path=v1,v2"),
     (["r.yaml", "--gird", "a=1"], "unknown option --gird"),
+    (["r.yaml", "--accelerate-config", "nope.yaml", "--grid", "a=1"], "nope.yaml does not exist"),
 ])
 def test_argument_mistakes_are_named(argv, expect):
     with pytest.raises(UserError, match=expect):
@@ -50,8 +51,10 @@ def test_argument_mistakes_are_named(argv, expect):
 
 
 def test_fixed_overrides_come_before_the_flag():
-    args = parse_args(["r.yaml", "train.max_steps=5", "--grid", "optim.learning_rate=1e-3,1e-2", "--out", "o"])
+    args = parse_args(["r.yaml", "train.max_steps=5", "--grid", "optim.learning_rate=1e-3,1e-2", "--out", "o",
+                       "--accelerate-config", "accelerate_configs/multi_cpu.yaml"])
     assert args["fixed"] == ["train.max_steps=5"] and len(args["trials"]) == 2 and args["out"] == "o"
+    assert args["launch"] == "accelerate_configs/multi_cpu.yaml"
 
 
 def test_summary_sorted_by_validation_loss_failed_last(tmp_path):

@@ -8,6 +8,7 @@ writes ``summary.csv`` and ``summary.md`` sorted by validation loss and ``loss_c
     lmforge sweep recipes/tiny/pretrain.yaml train.max_steps=50 --random 8 optim.learning_rate=1e-4:1e-2 \\
         schedule.warmup_steps=0:30 optim.name=adamw,lion
 
+``--accelerate-config accelerate_configs/X.yaml`` runs each trial under ``accelerate launch`` with it.
 ``--grid``: every combination of the comma-separated values. ``--random N``: N trials, each key drawn
 independently: ``a,b,c`` uniformly from the list; ``lo:hi`` uniformly, integers when both ends are
 integers, log-uniformly for learning rates (keys ending in ``learning_rate`` or ``lr``) and for
@@ -97,7 +98,7 @@ def parse_args(argv: list[str]) -> dict[str, Any]:
         return {"help": True}
     recipe, rest = argv[0], argv[1:]
     fixed: list[str] = []
-    mode, n, specs, out, seed = None, 0, [], None, 0
+    mode, n, specs, out, seed, launch = None, 0, [], None, 0, None
     i = 0
     while i < len(rest):
         a = rest[i]
@@ -108,16 +109,20 @@ def parse_args(argv: list[str]) -> dict[str, Any]:
                 raise UserError("--random: give the number of trials, e.g. --random 8 optim.learning_rate=1e-4:1e-2")
             mode, n = "random", int(rest[i + 1])
             i += 1
-        elif a in ("--out", "--seed"):
+        elif a in ("--out", "--seed", "--accelerate-config"):
             if i + 1 >= len(rest):
                 raise UserError(f"{a}: needs a value")
             if a == "--out":
                 out = rest[i + 1]
-            else:
+            elif a == "--seed":
                 seed = int(rest[i + 1])
+            else:
+                if not Path(rest[i + 1]).is_file():
+                    raise UserError(f"--accelerate-config: {rest[i + 1]} does not exist (see accelerate_configs/)")
+                launch = rest[i + 1]
             i += 1
         elif a.startswith("--"):
-            raise UserError(f"unknown option {a}; use --grid, --random N, --out DIR, --seed S")
+            raise UserError(f"unknown option {a}; use --grid, --random N, --out DIR, --seed S, --accelerate-config YAML")
         elif mode is None:
             parse_override(a)  # a fixed override: check its shape now
             fixed.append(a)
@@ -127,7 +132,7 @@ def parse_args(argv: list[str]) -> dict[str, Any]:
     if mode is None or not specs:
         raise UserError("sweep: give --grid KEY=V1,V2 ... or --random N KEY=LO:HI ...")
     trials = grid_trials(specs) if mode == "grid" else random_trials(specs, n, seed)
-    return {"recipe": recipe, "fixed": fixed, "trials": trials, "out": out, "mode": mode}
+    return {"recipe": recipe, "fixed": fixed, "trials": trials, "out": out, "mode": mode, "launch": launch}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,13 +147,17 @@ def _trial_state(folder: Path) -> str:
     return "new"
 
 
-def run_trial(stage: str, recipe: str, folder: Path, overrides: list[str]) -> tuple[str, str]:
+def run_trial(stage: str, recipe: str, folder: Path, overrides: list[str], accelerate_config: str | None = None
+              ) -> tuple[str, str]:
     """(status, last stderr line) after running one trial as its own process."""
     state = _trial_state(folder)
     if state == "done":
         return "done", "(already finished)"
     extra = ["resume=auto"] if state == "partial" else ["overwrite=true"]
-    cmd = [sys.executable, "-m", "lmforge", stage, recipe, *overrides, f"output_dir={folder}", *extra]
+    launcher = [sys.executable, "-m", "lmforge"]
+    if accelerate_config:  # each trial in the hardware layout the accelerate config names
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config, "-m", "lmforge"]
+    cmd = [*launcher, stage, recipe, *overrides, f"output_dir={folder}", *extra]
     folder.parent.mkdir(parents=True, exist_ok=True)
     with open(folder.parent / f"{folder.name}.log", "w", encoding="utf-8") as log_file:
         proc = subprocess.run(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=os.environ.copy())
@@ -264,7 +273,7 @@ def cli(argv: list[str]) -> int:
         name = f"trial_{i:03d}"
         overrides = [*args["fixed"], *(f"{k}={v}" for k, v in trial.items())]
         print(f"[{i + 1}/{len(args['trials'])}] {name}: {' '.join(f'{k}={v}' for k, v in trial.items())}", flush=True)
-        status, why = run_trial(stage, recipe, sweep_dir / name, overrides)
+        status, why = run_trial(stage, recipe, sweep_dir / name, overrides, args["launch"])
         row = {"trial": name, **trial, **collect(sweep_dir / name), "status": status}
         if status != "done":
             print(f"    {status}: {why} (log: {sweep_dir / (name + '.log')})")

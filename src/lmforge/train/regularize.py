@@ -209,7 +209,7 @@ def early_stop(cfg: EarlyStoppingConfig, state: dict, eval_loss: float) -> bool:
 
 
 class Diverged(UserError):
-    """The loss or gradient norm became NaN/inf; the run stopped without saving over good checkpoints."""
+    """The training loss became NaN/inf; the run stopped without saving over the good checkpoints."""
 
 
 def check_finite(acc, step_loss: torch.Tensor, step: int, ckpt_root: Path) -> None:
