@@ -140,7 +140,9 @@ class DedupClusters(PipelineStep):
 
 
 def dedup_decisions(keys_folder: str, n_tasks: int, cfg: DedupConfig) -> dict:
-    """Which documents to remove: {"remove": {rank: [indices]}, counts, cluster sizes, examples}."""
+    """Which documents to remove: {"remove": {rank: [indices]}, counts, cluster sizes, examples}.
+
+    Of each group of duplicates the document with the smallest id stays (independent of sharding)."""
     exact, sigs, ids, rank_of, index_in_rank = [], [], [], [], []
     for r in range(n_tasks):
         f = Path(keys_folder) / f"{r:05d}.npz"
@@ -156,8 +158,12 @@ def dedup_decisions(keys_folder: str, n_tasks: int, cfg: DedupConfig) -> dict:
     if not exact:
         return {"remove": {}, "documents": 0, "exact_duplicates": 0, "near_duplicates": 0, "kept": 0,
                 "clusters": 0, "cluster_sizes": {}, "examples": []}
-    exact_keys = np.concatenate(exact)
-    rank_arr, idx_arr = np.concatenate(rank_of), np.concatenate(index_in_rank)
+    # Work in document-id order, so that "keep the first" keeps the same document whatever the number
+    # of tasks (ties of equal ids: task order).
+    order = np.argsort(np.asarray(ids, dtype=object), kind="stable")
+    exact_keys = np.concatenate(exact)[order]
+    rank_arr, idx_arr = np.concatenate(rank_of)[order], np.concatenate(index_in_rank)[order]
+    ids = [ids[i] for i in order]
     n = len(exact_keys)
     removed_exact = np.zeros(n, dtype=bool)
     if cfg.exact:
@@ -171,7 +177,7 @@ def dedup_decisions(keys_folder: str, n_tasks: int, cfg: DedupConfig) -> dict:
     bands = rows = None
     if cfg.near.enabled and n:
         survivors = np.nonzero(~removed_exact)[0]
-        sig = np.concatenate(sigs)[survivors]
+        sig = np.concatenate(sigs)[order][survivors]
         bands, rows = cfg.near.band_rows()
         roots = cluster(sig, bands, rows, cfg.near.threshold if cfg.near.verify else None)
         is_dup = roots != np.arange(len(roots))

@@ -59,6 +59,24 @@ def optimal_param(threshold: float, num_perm: int, fp_weight: float = 0.5, fn_we
     return best
 
 
+_TABLES: list[np.ndarray] = []
+_BATCH_CHARS = 1 << 20
+
+
+def _power_tables(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(B**k, B**-k) mod 2**64 for k < n, computed once per process and grown on demand."""
+    if not _TABLES or len(_TABLES[0]) < n:
+        size = max(n, 1 << 20)
+        with np.errstate(over="ignore"):
+            pw = np.full(size, _BYTE_BASE, dtype=np.uint64)
+            inv = np.full(size, _BYTE_BASE_INV, dtype=np.uint64)
+            pw[0] = inv[0] = 1
+            np.cumprod(pw, out=pw)
+            np.cumprod(inv, out=inv)
+        _TABLES[:] = [pw, inv]
+    return _TABLES[0], _TABLES[1]
+
+
 def _splitmix64(x: np.ndarray) -> np.ndarray:
     x = x + np.uint64(0x9E3779B97F4A7C15)
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
@@ -141,10 +159,8 @@ class MinHasher:
         # sum over a word of (byte + 1) * B**(absolute position), then times B**-(word start): the
         # polynomial hash of the word alone (B is odd, so invertible mod 2**64)
         n = len(b)
+        powers, inv = _power_tables(n + 1)
         with np.errstate(over="ignore"):
-            powers = np.full(n + 1, _BYTE_BASE, dtype=np.uint64)
-            powers[0] = 1
-            np.cumprod(powers, out=powers)
             vals = b.astype(np.uint64)
             vals += np.uint64(1)
             vals *= powers[:n]
@@ -152,15 +168,24 @@ class MinHasher:
             bounds = np.empty(2 * len(w_start), dtype=np.int64)
             bounds[0::2], bounds[1::2] = w_start, w_start + w_len
             sums = np.add.reduceat(vals, bounds)[0::2]
-            inv = np.full(n + 1, _BYTE_BASE_INV, dtype=np.uint64)
-            inv[0] = 1
-            np.cumprod(inv, out=inv)
             hashes = _splitmix64(sums * inv[w_start])
         doc_of_word = np.searchsorted(ends, w_start, side="right")
         return hashes, np.bincount(doc_of_word, minlength=n_docs).astype(np.int64)
 
     def signatures(self, texts: Sequence[str]) -> np.ndarray:
-        """(n_docs, num_perm) uint32 MinHash signatures of ``texts``."""
+        """(n_docs, num_perm) uint32 MinHash signatures of ``texts`` (in sub-batches of ~1M characters,
+        so that the per-byte arrays stay in cache-friendly sizes)."""
+        out, start, size = [], 0, 0
+        for i, t in enumerate(texts):
+            size += len(t)
+            if size >= _BATCH_CHARS:
+                out.append(self._signatures(texts[start : i + 1]))
+                start, size = i + 1, 0
+        if start < len(texts) or not out:
+            out.append(self._signatures(texts[start:]))
+        return np.concatenate(out)
+
+    def _signatures(self, texts: Sequence[str]) -> np.ndarray:
         n_docs = len(texts)
         sig = np.full((n_docs, self.num_perm), np.iinfo(_SIG_DTYPE).max, dtype=_SIG_DTYPE)
         x, docs = self.shingles(texts)

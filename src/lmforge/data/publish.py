@@ -121,7 +121,8 @@ def publish(work: Path, cfg, n_tasks: int, final_dir: str) -> dict:
 
     t0 = time.perf_counter()
     times: dict[str, float] = {}
-    docs = list(read_kept(work / "clean", work / "dedup" / "remove", n_tasks))
+    # id order: the split and the packed blocks do not depend on how many tasks cleaned the data
+    docs = sorted(read_kept(work / "clean", work / "dedup" / "remove", n_tasks), key=lambda d: d["id"])
     if not docs:
         raise UserError("sources: no document is left after filtering and deduplication; loosen the filters "
                         "(see report counts in the logs) or add data")
