@@ -101,6 +101,9 @@ def plot(result: dict[str, Any], tips: dict[str, float | None], path: Path, titl
         if tips.get(key):
             ax.axvline(tips[key], color=color, ls="--", lw=1, label=f"{key}: {tips[key]:.2g}")
     ax.set_xscale("log")
+    if result["smoothed"]:  # the divergence spike would flatten the interesting part of the curve
+        start = max(result["smoothed"][: max(1, len(result["smoothed"]) // 10)])
+        ax.set_ylim(min(result["smoothed"]) * 0.9, start * 1.25)
     ax.set_xlabel("learning rate")
     ax.set_ylabel("loss")
     ax.set_title(title)
