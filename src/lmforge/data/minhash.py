@@ -289,9 +289,11 @@ class UnionFind:
 
 def lsh_candidate_pairs(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
     """(n_pairs, 2) int64 pairs (i, j), i > j, where j is the first document sharing i's bucket in some band."""
+    from tqdm.auto import tqdm
+
     n = len(sig)
     pairs = []
-    for band in range(bands):
+    for band in tqdm(range(bands), desc="LSH bands", disable=n < 100_000, leave=False):
         block = np.ascontiguousarray(sig[:, band * rows : (band + 1) * rows])
         keys = block.view(np.dtype((np.void, block.dtype.itemsize * rows))).ravel()  # one opaque key per doc
         _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)

@@ -230,7 +230,12 @@ class LocalReader(PipelineStep):
             yield from self._read(rank, world_size)
 
     def _read(self, rank: int, world_size: int) -> DocumentsPipeline:
-        for src_i, path in self.files[rank::world_size]:
+        from tqdm.auto import tqdm
+
+        mine = self.files[rank::world_size]
+        bar = tqdm(total=len(mine), desc=f"task {rank}: files", unit="file", disable=len(mine) < 2, leave=False)
+        for src_i, path in mine:
+            bar.update()
             src = self.sources[src_i]
             name = self.source_name(src_i)
             fmt = file_format(path, src.format)
@@ -244,3 +249,4 @@ class LocalReader(PipelineStep):
                     doc = Document(text=text, id=f"{name}/{doc_id}", metadata={"source": name, "file": path})
                     self.update_doc_stats(doc)
                 yield doc
+        bar.close()
