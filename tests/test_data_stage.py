@@ -223,3 +223,28 @@ def test_same_result_with_one_task_or_two_parallel_workers(tiny, tmp_path):
     assert set(documents(out)) == set(documents(one)) == set(documents(tiny))
     a, b = datasets.load_from_disk(str(out / "dataset")), datasets.load_from_disk(str(one / "dataset"))
     assert a["train"]["input_ids"] == b["train"]["input_ids"]
+
+
+def test_cluster_executors_are_wired_from_the_recipe(tmp_path, monkeypatch):
+    """Slurm: the three pipelines become chained sbatch jobs (built here, not submitted); Ray: a clear
+    install hint when Ray is missing."""
+    from datatrove.executor import SlurmPipelineExecutor
+
+    from lmforge.config import UserError
+
+    cfg = load(data_stage.Config, RECIPE, [f"output_dir={tmp_path / 'o'}", "executor.kind=slurm",
+                                           "executor.slurm.partition=cpu", "executor.tasks=4"])
+    steps = data_stage.pipelines(cfg, tmp_path / "w", str(tmp_path / "o"))
+    clean = data_stage.make_executor(cfg, "clean", steps["clean"], 4, tmp_path / "logs")
+    dedup = data_stage.make_executor(cfg, "dedup", steps["dedup"], 1, tmp_path / "logs", depends=clean)
+    assert isinstance(dedup, SlurmPipelineExecutor) and dedup.depends is clean
+    assert (clean.tasks, clean.partition, dedup.tasks) == (4, "cpu", 1)
+    monkeypatch.setattr(data_stage.shutil, "which", lambda name: None)
+    with pytest.raises(UserError, match="sbatch` is not on PATH"):
+        data_stage.check(cfg)
+    cfg.executor.kind = "ray"
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        with pytest.raises(UserError, match="pip install 'ray"):
+            data_stage.check(cfg)
