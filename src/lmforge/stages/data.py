@@ -222,6 +222,9 @@ def main(cfg: Config) -> dict | None:
     except StepAbort as e:  # a UserError inside a block run in this process: print it plainly
         shutil.rmtree(work, ignore_errors=True)  # the input or recipe must change: nothing here can be resumed
         raise UserError(e.problems) from None
+    except UserError:  # the same, raised in a worker process (datatrove has logged it there)
+        shutil.rmtree(work, ignore_errors=True)
+        raise
 
     # ---- publish: the finished folder appears in one rename ----
     if not (work / "report.json").exists():
