@@ -115,6 +115,12 @@ def layout_info(acc) -> dict:
     return info
 
 
+def full_numel(p: torch.Tensor) -> int:
+    """A parameter's full element count: under ZeRO-3 (and zero.Init) ``p.numel()`` is 0 on every rank and
+    DeepSpeed keeps the real size in ``p.ds_numel``."""
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
 def is_deepspeed(acc) -> bool:
     return acc.state.deepspeed_plugin is not None
 
@@ -125,3 +131,21 @@ def is_sharded(acc) -> bool:
     if ds is not None:
         return ds.zero_stage == 3
     return getattr(acc.state, "fsdp_plugin", None) is not None
+
+
+def prebuild_deepspeed_ops() -> list[str]:
+    """JIT-build, once per machine, the DeepSpeed C++ ops the layouts need (cached in TORCH_EXTENSIONS_DIR):
+    on a GPU-less machine ``deepspeed_shm_comm`` (loaded at every DeepSpeed start, ~2 min to build) and
+    ``cpu_adam`` (ZeRO offload, ~1.5 min). For `make setup`; a no-op when DeepSpeed is not installed."""
+    try:
+        from deepspeed.accelerator import get_accelerator
+    except ImportError:
+        return []
+    names = ["CPUAdamBuilder"] + (["ShareMemCommBuilder"] if get_accelerator().device_name() == "cpu" else [])
+    built = []
+    for name in names:
+        builder = get_accelerator().create_op_builder(name)
+        if builder is not None and builder.is_compatible():
+            builder.load(verbose=False)
+            built.append(builder.NAME)
+    return built

@@ -39,7 +39,7 @@ from lmforge.optim.optimizers import build_optimizer
 from lmforge.optim.param_groups import build_param_groups
 from lmforge.optim.schedules import apply_lr, make_schedule
 from lmforge.train import checkpoint
-from lmforge.train.accel import is_deepspeed, is_sharded, layout_info, make_accelerator
+from lmforge.train.accel import full_numel, is_deepspeed, is_sharded, layout_info, make_accelerator
 from lmforge.train.ema import EMA
 from lmforge.train.flops import flops_per_token, model_dims, peak_flops
 from lmforge.train.metrics import MetricsLog, available_trackers, flat_config
@@ -270,10 +270,10 @@ def run(
 
     # 3) throughput bookkeeping -------------------------------------------------------------------
     unwrapped = acc.unwrap_model(model)
-    n_params = sum(p.numel() for p in unwrapped.parameters())
-    n_trainable = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
+    n_params = sum(full_numel(p) for p in unwrapped.parameters())  # full sizes, also when ZeRO-3 shards them
+    n_trainable = sum(full_numel(p) for p in unwrapped.parameters() if p.requires_grad)
     emb = unwrapped.get_input_embeddings() if hasattr(unwrapped, "get_input_embeddings") else None
-    n_emb = emb.weight.numel() if emb is not None else 0
+    n_emb = full_numel(emb.weight) if emb is not None else 0
     layers, hidden = model_dims(hf_config) if hf_config is not None else (0, 0)
     if seq_len is None:
         seq_len = len(train_data[0]["input_ids"]) if "input_ids" in train_data.column_names else 0
