@@ -154,3 +154,10 @@ def test_schedule_cli_prints_key_points_and_writes_png(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0 and png.stat().st_size > 1000
     assert "warmup end" in out and "last step" in out and "wsd" in out
+
+
+def test_check_command_catches_min_lr_above_the_lr(capsys):
+    from lmforge.cli import main
+
+    assert main(["check", "recipes/tiny/pretrain.yaml", "optim.learning_rate=1e-4"]) == 2
+    assert "schedule.min_lr: 0.0003 must be below optim.learning_rate=0.0001" in capsys.readouterr().err

@@ -62,3 +62,11 @@ def main(cfg: Config) -> loop.RunResult:
         print(f"  metrics: {result.output_dir / 'metrics.jsonl'}")
         print(f"  plots:   {result.output_dir / 'training_curves.png'}")
     return result
+
+
+def check(cfg: Config) -> None:
+    """`lmforge check RECIPE`: rules across recipe groups, without training (the schedule against the lr)."""
+    from lmforge.optim.schedules import make_schedule
+
+    noam = cfg.schedule.name == "noam" and cfg.schedule.d_model is None
+    make_schedule(cfg.schedule, cfg.optim.learning_rate, cfg.train.max_steps, build_model_config(cfg.model) if noam else None)
