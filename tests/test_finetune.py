@@ -228,3 +228,16 @@ def test_every_shipped_finetune_recipe_parses():
     for path in recipes:
         cfg = load(finetune.Config, path, ["model.name_or_path=" + str(TOKENIZER)] if "tiny" in str(path) else [])
         finetune.check(cfg)
+
+
+def test_adapter_run_resumes_bitwise(base_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    common = ("peft.dropout=0.0", "checkpoint.save_every=3")
+    stopped, _, _ = finetune.train(recipe_cfg("finetune_lora", base_dir, tmp_path / "r", *common, "train.stop_at_step=3"))
+    assert stopped.final_dir is None and (tmp_path / "r" / "checkpoints" / "step_3").is_dir()
+    finetune.train(recipe_cfg("finetune_lora", base_dir, tmp_path / "r", *common, "resume=auto"))
+    finetune.train(recipe_cfg("finetune_lora", base_dir, tmp_path / "straight", *common))
+    resumed = load_file(tmp_path / "r" / "final" / "adapter_model.safetensors")
+    straight = load_file(tmp_path / "straight" / "final" / "adapter_model.safetensors")
+    assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in straight)
