@@ -12,14 +12,14 @@ STAMP := $(VENV)/.lmforge-setup
 # The CPU build of torch lies on this machine's disk; GPU users: make setup TORCH_SPEC='torch==2.13.0' with
 # their own index, or install torch first and set TORCH_SPEC= (empty) to keep it.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,deepspeed,data
+EXTRAS ?= dev,deepspeed,data,qlora
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 # DeepSpeed JIT-builds its C++ ops once per machine; keep them in the repo's ignored cache.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export LMFORGE_CACHE ?= $(CURDIR)/.cache/lmforge
 
-.PHONY: setup test test-slow test-layouts test-all lint demo data pretrain finetune distill quantize evaluate bench constraints clean
+.PHONY: setup test test-slow test-layouts test-all lint demo data pretrain pretrain-llrd pretrain-mlm finetune plan bench constraints clean
 
 setup: $(STAMP)
 
@@ -49,8 +49,17 @@ test-all: setup
 lint: setup
 	$(BIN)/ruff check src tests bench scripts
 
+# The pipeline on the tiny recipes: raw text -> cleaned, deduplicated, packed data + tokenizer ->
+# a pretrained tiny Llama -> a LoRA SFT adapter (and its merged export).
 demo: setup
-	$(BIN)/lmforge pretrain recipes/tiny/pretrain.yaml overwrite=true
+	$(BIN)/lmforge data recipes/tiny/data.yaml overwrite=true
+	$(BIN)/lmforge pretrain recipes/tiny/pretrain.yaml overwrite=true data.path=outputs/tiny/data/dataset \
+	    data.train_files=[] model.tokenizer=outputs/tiny/data/tokenizer
+	$(BIN)/lmforge finetune recipes/tiny/finetune_lora.yaml overwrite=true
+	@echo; echo "demo outputs:"; \
+	echo "  data:      outputs/tiny/data/ (dataset/, tokenizer/, report.md, *.png)"; \
+	echo "  pretrain:  outputs/tiny/pretrain/ (final/, metrics.jsonl, training_curves.png, report.md)"; \
+	echo "  finetune:  outputs/tiny/finetune_lora/ (final/ adapter, metrics.jsonl, training_curves.png)"
 
 data: setup
 	$(BIN)/lmforge data recipes/tiny/data.yaml overwrite=true
@@ -60,6 +69,15 @@ pretrain: setup
 
 finetune: setup
 	$(BIN)/lmforge finetune recipes/tiny/finetune_lora.yaml overwrite=true
+
+pretrain-llrd: setup
+	$(BIN)/lmforge pretrain recipes/tiny/pretrain_llrd.yaml overwrite=true
+
+pretrain-mlm: setup
+	$(BIN)/lmforge pretrain recipes/tiny/pretrain_mlm.yaml overwrite=true
+
+plan: setup
+	$(BIN)/lmforge plan recipes/llama-125m/pretrain.yaml --gpus 8 --gpu-memory 80GB
 
 bench: setup
 	for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
