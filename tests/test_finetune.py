@@ -181,7 +181,19 @@ def test_packed_sft_trains(base_dir, tmp_path):
     cfg = recipe_cfg("finetune_lora", base_dir, tmp_path / "packed", "data.packing=true", "data.max_seq_length=96", steps=4)
     result, _, _ = finetune.train(cfg)
     assert result.train_loss < result.first_train_loss
-    assert json.loads((tmp_path / "packed" / "summary.json").read_text())["step"] == 4
+    summary = json.loads((tmp_path / "packed" / "summary.json").read_text())
+    assert summary["step"] == 4 and summary["batching"].startswith("packed (")
+
+
+def test_packing_probe_tells_which_models_keep_examples_apart(base_dir):
+    from accelerate import Accelerator
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    acc = Accelerator(cpu=True)
+    assert finetune.packing_supported(AutoModelForCausalLM.from_pretrained(base_dir), acc)
+    opt = AutoModelForCausalLM.from_config(AutoConfig.for_model(  # OPT ignores restarting position_ids
+        "opt", vocab_size=64, hidden_size=32, num_hidden_layers=1, ffn_dim=64, num_attention_heads=2, word_embed_proj_dim=32))
+    assert not finetune.packing_supported(opt, acc)  # -> finetune falls back to length-grouped batches
 
 
 def test_generate_cli_from_an_adapter_folder_and_a_plain_model(base_dir, tmp_path, capsys):

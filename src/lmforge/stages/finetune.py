@@ -561,12 +561,18 @@ def train(cfg: Config) -> tuple[loop.RunResult, torch.nn.Module, Any]:
         print(f"{method}: trainable params {counts['trainable']:,} of {counts['total']:,} ({counts['trainable_percent']:.4f}%)")
 
     # ---- batches: packed rows, length-grouped, or fixed order ----
-    batches = None
-    if cfg.task == "sft" and cfg.data.packing:
-        check_packing(model, acc)
+    batches, batching = None, "fixed"
+    packing = cfg.task == "sft" and cfg.data.packing
+    if packing and not packing_supported(model, acc):
+        packing = False
+        log.warning("data.packing: this %s model attends across packed examples (it ignores restarting position_ids); "
+                    "using length-grouped batches instead", model.config.model_type)
+    if packing:
         train_ds = pack_examples(train_ds, cfg.data.max_seq_length)
-        log.info("packing: %d rows of <= %d tokens", len(train_ds), cfg.data.max_seq_length)
-    elif cfg.data.group_by_length:
+        batching = f"packed ({len(train_ds)} rows of <= {cfg.data.max_seq_length} tokens)"
+        log.info("packing: %s", batching)
+    elif cfg.data.group_by_length or cfg.data.packing:
+        batching = "length-grouped"
         batches = LengthGroupedBatches(train_ds, cfg.train.per_device_train_batch_size, collate, cfg.seed,
                                        acc.process_index, acc.num_processes)
 
@@ -600,7 +606,7 @@ def train(cfg: Config) -> tuple[loop.RunResult, torch.nn.Module, Any]:
     if acc.is_main_process:
         summary_path = result.output_dir / "summary.json"
         summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-        summary.update(task=cfg.task, method=method, parameter_counts=counts, data=stats,
+        summary.update(task=cfg.task, method=method, parameter_counts=counts, data=stats, batching=batching,
                        final_dir=str(final_dir) if final_dir else None)
         if cls_metrics is not None:
             summary["classification"] = cls_metrics
@@ -621,12 +627,12 @@ def train(cfg: Config) -> tuple[loop.RunResult, torch.nn.Module, Any]:
     return result, model, tokenizer
 
 
-def check_packing(model, acc) -> None:
+def packing_supported(model, acc) -> bool:
     """Packing relies on the model building a block-diagonal mask from restarting position_ids (transformers'
     masking utilities do, for most decoder models, when no KV cache is built): check it on two short
-    sequences, else refuse."""
+    sequences (a packed forward must equal the second sequence alone)."""
     if is_sharded(acc):
-        return  # parameters are sharded before prepare; trust the model family
+        return True  # parameters are sharded before prepare; trust the model family
     torch.manual_seed(0)
     vocab = model.get_input_embeddings().num_embeddings
     a, b = torch.randint(0, vocab, (1, 5)), torch.randint(0, vocab, (1, 7))
@@ -638,9 +644,7 @@ def check_packing(model, acc) -> None:
                        position_ids=torch.cat([torch.arange(5), torch.arange(7)])[None].to(dev), use_cache=False).logits
         alone = model(input_ids=b.to(dev)).logits
     model.train(was_training)
-    if not torch.allclose(packed[:, 5:].float(), alone.float(), atol=1e-3, rtol=1e-3):
-        raise UserError(f"data.packing: this {model.config.model_type} model attends across packed examples "
-                        "(it ignores restarting position_ids); set data.packing=false to use length-grouped batches")
+    return torch.allclose(packed[:, 5:].float(), alone.float(), atol=1e-3, rtol=1e-3)
 
 
 # ---------------------------------------------------------------------------------------------
