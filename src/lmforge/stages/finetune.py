@@ -212,7 +212,7 @@ def quantization_config(cfg: Config):
         import bitsandbytes  # noqa: F401
         from transformers import BitsAndBytesConfig
     except ImportError:
-        raise UserError("peft.method: qlora needs bitsandbytes; install it with `pip install bitsandbytes`") from None
+        raise UserError("peft.method: qlora needs bitsandbytes; install lmforge[qlora] (pip install -e \".[qlora]\")") from None
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=cfg.peft.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=cfg.peft.bnb_4bit_use_double_quant,
