@@ -112,6 +112,12 @@ def test_cli_recommends_ddp_when_it_fits():
             "-m lmforge pretrain recipes/tiny/pretrain.yaml") in out
 
 
+def test_cli_one_gpu_needs_no_launcher():
+    rc, out = _cli(TINY, "--gpus", "1", "--gpu-memory", "24GB")
+    assert rc == 0 and out.strip().splitlines()[-1].strip() == (
+        "lmforge pretrain recipes/tiny/pretrain.yaml train.mixed_precision=bf16")
+
+
 def test_cli_picks_zero_when_the_replica_does_not_fit_and_names_an_existing_config():
     rc, out = _cli(TINY, *LLAMA_7B, "--gpus", "8", "--gpu-memory", "80GB")
     assert rc == 0

@@ -263,6 +263,9 @@ def launch_command(choice: Choice, recipe: str, stage: str, n_gpus: int, n_nodes
     if choice.checkpointing:
         extra.append("train.gradient_checkpointing=true")
     tail = " ".join([recipe, *extra])
+    if choice.estimate.layout.name == "DDP" and n_gpus * n_nodes == 1:  # one device: no launcher needed
+        mp = f" train.mixed_precision={precision}" if precision != "fp32" else ""
+        return f"lmforge {stage} {tail}{mp}"
     if n_nodes > 1:
         return (f"ACCELERATE_CONFIG={cfg} sbatch --nodes {n_nodes} --gpus-per-node {n_gpus} "
                 f"scripts/slurm_multinode.sh {stage} {tail}")
