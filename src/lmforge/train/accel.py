@@ -111,7 +111,10 @@ def layout_info(acc) -> dict:
                     offload_optimizer=z.get("offload_optimizer", {}).get("device", "none"),
                     offload_param=z.get("offload_param", {}).get("device", "none"))
     elif fsdp is not None:
-        info["fsdp_sharding"] = str(getattr(fsdp.sharding_strategy, "name", fsdp.sharding_strategy))
+        strategy = getattr(fsdp, "sharding_strategy", None)  # FSDP1; FSDP2 says reshard_after_forward
+        if strategy is None:
+            strategy = "FULL_SHARD" if getattr(fsdp, "reshard_after_forward", True) else "SHARD_GRAD_OP"
+        info["fsdp_sharding"] = str(getattr(strategy, "name", strategy))
     return info
 
 
