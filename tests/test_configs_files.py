@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -85,7 +86,10 @@ def _launch_env(path: Path, monkeypatch) -> tuple[dict, object]:
 
     for k in [k for k in os.environ if k.startswith(("ACCELERATE_", "FSDP_"))]:
         monkeypatch.delenv(k)
-    args = launch_command_parser().parse_args(["--config_file", str(path), "-m", "lmforge", "pretrain", "x.yaml"])
+    # Port 0 = any free port: the launcher refuses a busy 29500 (another run on this machine), a
+    # fact about the machine, not about the file under test.
+    args = launch_command_parser().parse_args(["--config_file", str(path), "--main_process_port", "0", "-m", "lmforge",
+                                               "pretrain", "x.yaml"])
     args, defaults, mp_from_config = _validate_launch_command(args)
     if args.use_deepspeed:
         fields = list(defaults.deepspeed_config.keys()) + (["mixed_precision"] if mp_from_config else [])
@@ -104,6 +108,8 @@ def _launch_env(path: Path, monkeypatch) -> tuple[dict, object]:
 @pytest.mark.parametrize("path", YAMLS, ids=lambda p: p.stem)
 def test_yaml_builds_accelerates_plugin(path: Path, monkeypatch):
     from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
+
+    from lmforge.train.accel import layout_info
 
     monkeypatch.chdir(ROOT)  # deepspeed_config_file paths are relative to the repo root, where users launch
     env, cfg = _launch_env(path, monkeypatch)
@@ -125,6 +131,8 @@ def test_yaml_builds_accelerates_plugin(path: Path, monkeypatch):
             assert plugin.zero_stage == int(name[len("deepspeed_zero")])
         if "offload" in name:
             assert z["offload_optimizer"]["device"] == "cpu" and z["offload_param"]["device"] == "cpu"
+        info = layout_info(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin)))
+        assert info["zero_stage"] == plugin.zero_stage and info["fsdp_sharding"] is None
         if plugin.zero_stage == 3:
             assert plugin.zero3_init_flag, f"{path.name}: ZeRO-3 should create weights sharded (zero3_init_flag)"
     elif cfg.distributed_type == DistributedType.FSDP:
@@ -138,6 +146,9 @@ def test_yaml_builds_accelerates_plugin(path: Path, monkeypatch):
         assert strategy == ("SHARD_GRAD_OP" if "shard_grad_op" in path.stem else "FULL_SHARD")
         assert env["FSDP_AUTO_WRAP_POLICY"] == "TRANSFORMER_BASED_WRAP"
         assert plugin.state_dict_type.name == "SHARDED_STATE_DICT"
+        # what summary.json will record for this layout (GPU tests assert on it)
+        assert layout_info(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None, fsdp_plugin=plugin))) == {
+            "zero_stage": None, "offload_optimizer": None, "offload_param": None, "fsdp_sharding": strategy}
     elif path.stem in ("ddp", "multi_cpu"):
         assert cfg.distributed_type == DistributedType.MULTI_GPU and cfg.num_processes >= 2
     else:
