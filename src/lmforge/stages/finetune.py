@@ -38,7 +38,7 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.nn.functional as F
 
-from lmforge.config import ConfigError, RunConfig, UserError, dump, help_field, load, nested
+from lmforge.config import ConfigError, RunConfig, UserError, help_field, load, nested
 from lmforge.data.sft import (
     ClassificationCollator,
     LengthGroupedBatches,
@@ -53,6 +53,7 @@ from lmforge.models import ModelConfig, load_tokenizer
 from lmforge.optim.optimizers import OptimConfig
 from lmforge.optim.param_groups import build_param_groups, check_groups
 from lmforge.optim.schedules import ScheduleConfig
+from lmforge.peft.save import finish_dir, save_adapter
 from lmforge.train import loop
 from lmforge.train.accel import is_deepspeed, is_sharded
 from lmforge.train.settings import CheckpointConfig, EvalConfig, LogConfig, TrainConfig
@@ -471,57 +472,6 @@ def classification_scores(pairs: list[tuple[int, int]], n_classes: int) -> dict[
 
 
 # ---------------------------------------------------------------------------------------------
-# Saving: the adapter alone, with real weights under ZeRO-3
-
-
-def save_adapter(acc, model, path: Path, tokenizer=None, recipe=None, extra_files: dict[str, str] | None = None) -> Path:
-    """``PeftModel.save_pretrained`` of the trainable weights only. Collective: call on every rank.
-
-    Under ZeRO-3 each rank holds a shard of every parameter (a bare ``save_pretrained`` writes empty
-    tensors: the classic 40-byte adapter), so the trainable parameters alone are gathered first; the
-    frozen base is never gathered."""
-    unwrapped = acc.unwrap_model(model)
-    acc.wait_for_everyone()
-    ctx = _gathered([p for p in unwrapped.parameters() if p.requires_grad]) if is_sharded(acc) and is_deepspeed(acc) else None
-    with ctx if ctx is not None else _nullcontext():
-        if acc.is_main_process:
-            tmp = path.with_name(path.name + ".tmp")
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            state = {n: p.detach().cpu().clone() for n, p in unwrapped.named_parameters() if p.requires_grad}
-            unwrapped.save_pretrained(tmp, state_dict=state if ctx is not None else None, safe_serialization=True)
-            _finish_dir(tmp, path, tokenizer, recipe, extra_files)
-    acc.wait_for_everyone()
-    return path
-
-
-def _gathered(params):
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
-
-
-def _finish_dir(tmp: Path, path: Path, tokenizer, recipe, extra_files) -> None:
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if recipe is not None:
-        dump(recipe, tmp / "recipe.yaml")
-    for name, text in (extra_files or {}).items():
-        (tmp / name).write_text(text)
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)
-
-
-# ---------------------------------------------------------------------------------------------
 # The stage
 
 
@@ -678,7 +628,7 @@ def export(cfg: Config) -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)
     merged.save_pretrained(tmp, safe_serialization=True)
-    _finish_dir(tmp, out, tokenizer, cfg, {"labels.json": json.dumps({"label_names": labels})} if labels else None)
+    finish_dir(tmp, out, tokenizer, cfg, {"labels.json": json.dumps({"label_names": labels})} if labels else None)
     print(f"merged {cfg.peft.method} adapter into the base: {out}")
     return out
 
