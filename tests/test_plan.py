@@ -140,6 +140,13 @@ def test_cli_recommends_checkpointing_then_offload_as_memory_shrinks():
     assert rc == 1 and "nothing fits" in out
 
 
+def test_adapter_recipes_are_planned_as_full_training_and_say_so():
+    rc, out = _cli("recipes/tiny/finetune_lora.yaml", "--gpus", "1")
+    assert rc == 0 and "note: peft.method=lora: these figures are for full training" in out
+    rc, out = _cli("recipes/tiny/finetune_full.yaml", "--gpus", "1")
+    assert rc == 0 and "note: peft.method" not in out
+
+
 def test_multi_node_command_uses_the_slurm_script():
     rc, out = _cli(TINY, *LLAMA_7B, "--gpus", "8", "--nodes", "2", "--gpu-memory", "80GB")
     assert rc == 0

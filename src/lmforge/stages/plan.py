@@ -290,6 +290,12 @@ def _fmt(b: float) -> str:
     return f"{b / GiB:8.2f}"
 
 
+def _peft_method(recipe: str, overrides: list[str]) -> str | None:
+    """The recipe's ``peft.method`` when it trains only adapters (lora, ia3, ...), else None."""
+    method = (apply_overrides(read_yaml(recipe), overrides).get("peft") or {}).get("method")
+    return None if method in (None, "", "none", "full") else str(method)
+
+
 def _recipe_config(recipe: str, overrides: list[str]) -> tuple[str, Any, Any, int]:
     """(stage, model config, train config, sequence length) of a training recipe.
 
@@ -372,6 +378,10 @@ def cli(argv: list[str]) -> int:
         print(f"  {e.layout.name:<20}{_fmt(e.weights)}{_fmt(e.grads)}{_fmt(e.optimizer)}{_fmt(e.activations)}"
               f" {_fmt(e.total)}{_fmt(e.activations_ckpt)} {_fmt(e.total_ckpt)}  {fits}")
     print()
+    peft = _peft_method(args.recipe, args.overrides)
+    if peft:
+        print(f"  note: peft.method={peft}: these figures are for full training; with adapters only their "
+              "parameters have gradients and optimizer states, so the need is lower (about weights + activations)")
     choice = recommend(rows, usable, cpu_mem)
     if choice is None:
         smallest = min(rows, key=lambda e: e.total_ckpt)
