@@ -17,6 +17,9 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 # DeepSpeed JIT-builds its C++ ops once per machine; keep them in the repo's ignored cache.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+# The venv's tools first: DeepSpeed's op builds must always run the same ninja (pip's 1.13 and the
+# system's 1.11 record build commands differently, so mixing them rebuilds the ops on every start).
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export LMFORGE_CACHE ?= $(CURDIR)/.cache/lmforge
 
 .PHONY: setup test test-slow test-layouts test-all lint demo data pretrain pretrain-llrd pretrain-mlm finetune plan bench constraints clean
@@ -28,6 +31,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	if [ -n "$(TORCH_SPEC)" ]; then $(BIN)/python -m pip install -q "$(TORCH_SPEC)"; fi
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
+	$(BIN)/python -c "from lmforge.train.accel import prebuild_deepspeed_ops as b; print('deepspeed ops built:', b())"
 	touch $(STAMP)
 
 # Refresh the pins after a deliberate upgrade (then run make test and commit constraints.txt).

@@ -162,7 +162,7 @@ def group_table(groups: list[dict], peak_lr: float) -> str:
     """The groups as a fixed-width table: name, #params, peak lr, weight decay."""
     lines = [f"{'group':<36} {'params':>12} {'peak lr':>10} {'wd':>6}"]
     for g in groups:
-        n = sum(p.numel() for p in g["params"])
+        n = sum(getattr(p, "ds_numel", p.numel()) for p in g["params"])  # ZeRO-3: full size
         lines.append(f"{g['name']:<36} {n:>12,d} {peak_lr * g['lr_scale']:>10.3g} {g['weight_decay']:>6g}")
     return "\n".join(lines)
 

@@ -528,19 +528,15 @@ def train(cfg: Config) -> tuple[loop.RunResult, torch.nn.Module, Any]:
 
     # ---- train ----
     is_sft = cfg.task == "sft"
-    # The loop ends with acc.end_training(), which destroys the process group; the adapter save (a
-    # collective under ZeRO-3) and the classification metrics below still need it: end training here.
-    end_training, acc.end_training = acc.end_training, lambda: None
-    try:
-        result = loop.run(
-            acc, cfg, model, train_ds, val_ds, collate=collate,
-            loss_fn=sft_loss if is_sft else classification_loss,
-            count_tokens=loop.count_causal_tokens if is_sft else count_examples,
-            tokenizer=tokenizer, param_groups=param_groups(cfg, model), seq_len=cfg.data.max_seq_length,
-            save_final=method == "full", batches=batches,
-        )
-    finally:
-        acc.end_training = end_training
+    # end_training=False: the adapter save (a collective under ZeRO-3) and the classification metrics
+    # below still need the process group; training is ended at the bottom of this function.
+    result = loop.run(
+        acc, cfg, model, train_ds, val_ds, collate=collate,
+        loss_fn=sft_loss if is_sft else classification_loss,
+        count_tokens=loop.count_causal_tokens if is_sft else count_examples,
+        tokenizer=tokenizer, param_groups=param_groups(cfg, model), seq_len=cfg.data.max_seq_length,
+        save_final=method == "full", batches=batches, end_training=False,
+    )
 
     # ---- save the adapter; classification metrics; summary ----
     extra = {"labels.json": json.dumps({"label_names": label_names}, indent=1)} if label_names else None

@@ -229,11 +229,13 @@ def run(
     seq_len: int | None = None,
     save_final: bool = True,
     batches: Any = None,
+    end_training: bool = True,
 ) -> RunResult:
     """Train ``model`` to ``cfg.train.max_steps`` (or ``stop_at_step``), evaluating, checkpointing and
     logging on the way; save ``output_dir/final`` at the end. ``batches`` may replace the default
     :class:`RankBatches` with any object whose ``get(k)`` returns this rank's k-th micro-batch
-    (deterministic in k, so resume stays exact)."""
+    (deterministic in k, so resume stays exact). ``end_training=False`` keeps the trackers and the
+    process group alive for a stage that still has collective work to do after training."""
     out = Path(cfg.output_dir)
     ckpt_root = out / "checkpoints"
     tc, T, gas = cfg.train, cfg.train.max_steps, cfg.train.gradient_accumulation_steps
@@ -241,7 +243,10 @@ def run(
 
     # 1) model, optimizer, schedule -------------------------------------------------------------
     if tc.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "config"):
             model.config.use_cache = False
     groups = param_groups if param_groups is not None else build_param_groups(model, cfg.optim)
@@ -369,7 +374,8 @@ def run(
             with ema.swapped_in(acc.unwrap_model(model)):
                 save_model(acc, model, out / "final_ema", tokenizer=tokenizer, recipe=cfg)
     # One digest per rank: under DDP/ZeRO-1/2 every rank must hold bitwise-identical parameters.
-    digests = None if is_sharded(acc) else gather_object([_param_digest(acc.unwrap_model(model))])
+    digests = (gather_object([_param_digest(acc.unwrap_model(model))])
+               if acc.num_processes > 1 and not is_sharded(acc) else None)
     if acc.is_main_process:
         plot_training(out / "metrics.jsonl", out / "training_curves.png", title=str(out.name))
         summary = {
@@ -382,13 +388,20 @@ def run(
             "stopped_early": bool(state.get("stopped_early")),
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    acc.end_training()
+    if end_training:
+        acc.end_training()  # closes trackers and destroys the process group
     return RunResult(out, final_dir, state["step"], last_loss, last_eval, first_loss)
 
 
 def save_model(acc, model, path: Path, tokenizer=None, recipe=None) -> Path:
     """``save_pretrained`` (safetensors) of the unwrapped model, consolidated from shards under
-    ZeRO-3/FSDP; plus the tokenizer and the resolved recipe. Collective: call on every rank."""
+    ZeRO-3/FSDP; plus the tokenizer and the resolved recipe. Collective: call on every rank.
+    A PeftModel saves its adapter alone, gathering only the trainable parameters under ZeRO-3
+    (a plain ``save_pretrained`` there writes empty adapters)."""
+    if hasattr(acc.unwrap_model(model), "peft_config"):
+        from lmforge.peft.save import save_adapter
+
+        return save_adapter(acc, model, path, tokenizer, recipe)
     acc.wait_for_everyone()
     state_dict = acc.get_state_dict(model)  # gathers ZeRO-3 / FSDP shards
     unwrapped = acc.unwrap_model(model)
