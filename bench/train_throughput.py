@@ -1,6 +1,6 @@
 """Our training loop vs `transformers.Trainer`: same model, same packed data, same cores, one process.
 
-    .venv/bin/python bench/train_throughput.py [--steps 40] [--layers 4] [--hidden 256] [--seq 256]
+    .venv/bin/python bench/train_throughput.py [--steps 60] [--layers 4] [--hidden 256] [--seq 256]
 
 Both train a fresh Llama-style model (same seed, same init) for the same number of optimizer steps
 with AdamW, cosine schedule and clipping, no evaluation and no checkpoints; the timer covers the
@@ -24,7 +24,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--seq", type=int, default=256)

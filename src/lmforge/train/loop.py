@@ -57,16 +57,21 @@ LossFn = Callable[[torch.nn.Module, Batch], dict[str, torch.Tensor]]
 
 
 def causal_lm_loss(model: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
-    """Next-token cross-entropy, summed: {'loss_sum', 'n_tokens', 'n_correct'} (labels -100 ignored)."""
+    """Next-token cross-entropy, summed: {'loss_sum', 'n_tokens', 'n_correct'} (labels -100 ignored).
+
+    The labels are shifted left and padded with -100 instead of slicing the logits, so the
+    (batch, seq, vocab) logits are never copied; accuracy (an argmax over the vocabulary) is only
+    computed in eval mode, where it is reported."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs).logits  # (batch, seq, vocab)
-    logits = logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
-    loss_sum = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum")
+    labels = F.pad(batch["labels"][:, 1:], (0, 1), value=-100)  # (batch, seq): the next token, -100 at the end
+    flat = logits.reshape(-1, logits.size(-1))
+    loss_sum = F.cross_entropy(flat.float(), labels.reshape(-1), ignore_index=-100, reduction="sum")
     mask = labels != -100
-    with torch.no_grad():
-        correct = ((logits.argmax(-1) == labels) & mask).sum()
-    return {"loss_sum": loss_sum, "n_tokens": mask.sum(), "n_correct": correct}
+    out = {"loss_sum": loss_sum, "n_tokens": mask.sum()}
+    if not model.training:
+        out["n_correct"] = ((logits.argmax(-1) == labels) & mask).sum()
+    return out
 
 
 def count_causal_tokens(batch: Batch) -> torch.Tensor:
