@@ -47,6 +47,7 @@ def test_loss_falls_and_outputs_exist(tiny_run):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert list((out / "lmforge").rglob("events.out.tfevents*")), "TensorBoard events were written"
     assert (out / "recipe.yaml").exists() and (out / "final" / "recipe.yaml").exists()
+    assert "validation loss" in (out / "report.md").read_text()
     # keep_last=2 of saves at 20, 40, 60; no half-written folder left
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert ckpts == ["step_40", "step_60"]

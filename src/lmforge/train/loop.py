@@ -393,9 +393,26 @@ def run(
             "stopped_early": bool(state.get("stopped_early")),
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        (out / "report.md").write_text(_report(out, summary))
     if end_training:
         acc.end_training()  # closes trackers and destroys the process group
     return RunResult(out, final_dir, state["step"], last_loss, last_eval, first_loss)
+
+
+def _report(out: Path, s: dict) -> str:
+    """A short Markdown run report next to the metrics (what a person opens first)."""
+    ev = s.get("eval") or {}
+    rows = [("steps", f"{s['step']} / {s['max_steps']}"), ("tokens seen", f"{s['tokens_seen']:,}"),
+            ("parameters", f"{s['parameters']:,} ({s['trainable_parameters']:,} trainable)"),
+            ("first / last train loss", f"{s['first_train_loss']:.4f} / {s['train_loss']:.4f}" if s["train_loss"] is not None else "-"),
+            ("validation loss / perplexity / accuracy",
+             f"{ev['loss']:.4f} / {ev['perplexity']:.2f} / {ev['accuracy']:.3f}" if ev else "not evaluated"),
+            ("layout", f"{s['distributed_type']} x {s['num_processes']} ({s['model_wrapper']}), mixed precision {s['mixed_precision']}"),
+            ("final model", s["final_dir"] or "not written (run stopped before max_steps)")]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return (f"# Run report: {out.name}\n\n| | |\n|---|---|\n{table}\n\n"
+            "![loss and learning rate](training_curves.png)\n\nEvery logged value: `metrics.jsonl`; the resolved recipe: "
+            "`recipe.yaml`; machine-readable summary: `summary.json`.\n")
 
 
 def save_model(acc, model, path: Path, tokenizer=None, recipe=None) -> Path:
