@@ -90,3 +90,12 @@ def test_export_refuses_what_cannot_merge_and_missing_runs(gpt2_dir, tmp_path):
         finetune.export(load(finetune.Config, ROOT / "recipes/tiny/finetune_prefix.yaml", [f"model.name_or_path={gpt2_dir}"]))
     with pytest.raises(UserError, match=r"^output_dir: no adapter in '.*final'; run `lmforge finetune` with this recipe first"):
         finetune.export(cfg_for(gpt2_dir, f"output_dir={tmp_path}"))
+
+
+def test_pretrain_only_train_keys_are_refused_not_ignored():
+    with pytest.raises(ConfigError) as e:
+        load(finetune.Config, "recipes/tiny/finetune_lora.yaml",
+             ["train.label_smoothing=0.1", "train.dropout.attention=0.1", "train.objective=mlm"])
+    text = "\n".join(e.value.problems)
+    for key in ("train.label_smoothing", "train.dropout", "train.objective"):
+        assert f"{key}: not used by finetune" in text
