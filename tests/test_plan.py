@@ -140,10 +140,14 @@ def test_cli_recommends_checkpointing_then_offload_as_memory_shrinks():
     assert rc == 1 and "nothing fits" in out
 
 
-def test_adapter_recipes_are_planned_as_full_training_and_say_so():
-    rc, out = _cli("recipes/tiny/finetune_lora.yaml", "--gpus", "1")
+def test_adapter_recipes_are_planned_as_full_training_and_say_so(tmp_path):
+    from test_finetune import build_tiny_base
+
+    base = tmp_path / "base"  # the recipes' base (outputs/tiny/pretrain/final) exists only after `make demo`
+    build_tiny_base(base)
+    rc, out = _cli("recipes/tiny/finetune_lora.yaml", "--gpus", "1", f"model.name_or_path={base}")
     assert rc == 0 and "note: peft.method=lora: these figures are for full training" in out
-    rc, out = _cli("recipes/tiny/finetune_full.yaml", "--gpus", "1")
+    rc, out = _cli("recipes/tiny/finetune_full.yaml", "--gpus", "1", f"model.name_or_path={base}")
     assert rc == 0 and "note: peft.method" not in out
 
 

@@ -344,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cli(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # overrides may come after the options too
     if args.gpus < 1 or args.nodes < 1:
         raise UserError("--gpus and --nodes: must be >= 1")
     stage, model_cfg, train_cfg, seq = _recipe_config(args.recipe, args.overrides)
