@@ -98,8 +98,9 @@ def test_resume_is_bitwise_identical(tmp_path, gas):
 
 
 def test_accumulation_normalises_over_all_tokens(tmp_path):
-    """bs=8 x 1 and bs=4 x 2 see the same 8 examples per step; with token-level normalisation
-    over the whole accumulated batch they take the same step (up to float summation order)."""
+    """bs=8 x 1 and bs=4 x 2 see the same 8 examples per step and take the same steps (up to float
+    summation order). Packed blocks have equal token counts, so this checks the bookkeeping of
+    accumulation; the normalisation itself is checked against a hand-computed SGD step below."""
     a = run_pretrain(tmp_path / "a", "train.max_steps=3", "schedule.warmup_steps=1", "train.per_device_train_batch_size=8",
                      "train.gradient_accumulation_steps=1", "checkpoint.save_every=0")
     b = run_pretrain(tmp_path / "b", "train.max_steps=3", "schedule.warmup_steps=1", "train.per_device_train_batch_size=4",
@@ -149,3 +150,42 @@ def test_continue_from_a_local_model_dir_and_plain_text(tiny_run, tmp_path):
                         "checkpoint.save_every=0")
     # a trained model starts far below a fresh one (~ln 512 = 6.2)
     assert cont.first_train_loss < first.first_train_loss - 1.0
+
+
+def test_one_sgd_step_matches_the_global_token_mean_gradient(tmp_path):
+    """Micro-batches with very different numbers of loss tokens: the loop's update must equal
+    -lr * grad(sum of token losses over the accumulated batch / its token count), which a mean of
+    per-micro-batch means (or a missing 1/gas or x gas) would not give. SGD keeps the scale visible."""
+    import copy
+
+    from lmforge.data.lm import build_lm_datasets
+    from lmforge.models import load_causal_lm, load_tokenizer
+    from lmforge.train import loop
+
+    lr = 0.5
+    cfg = load(pretrain.Config, RECIPE, [
+        f"output_dir={tmp_path}", *FAST, "train.max_steps=1", "train.per_device_train_batch_size=4",
+        "train.gradient_accumulation_steps=2", "optim.name=sgd", "optim.momentum=0", "optim.weight_decay=0",
+        "optim.max_grad_norm=null", f"optim.learning_rate={lr}", "schedule.name=constant", "schedule.warmup_steps=null",
+        "schedule.min_lr=0", "checkpoint.save_every=0",
+    ])
+
+    def collate(rows):  # the first two examples of each micro-batch keep 8 loss tokens, the others all
+        batch = loop.collate_blocks(rows)
+        batch["labels"][:2, :-8] = -100
+        return batch
+
+    acc = loop.setup(cfg)
+    tok = load_tokenizer(cfg.model)
+    train, _ = build_lm_datasets(cfg.data, tok, cfg.seed)
+    model = load_causal_lm(cfg.model, tok)
+    start = copy.deepcopy(model)
+    batches = loop.RankBatches(train, 4, collate, cfg.seed, 0, 1)
+    micro = [batches.get(0), batches.get(1)]
+    loop.run(acc, cfg, model, train, None, collate=collate, seq_len=cfg.data.block_size, save_final=False)
+
+    total = sum(loop.count_causal_tokens(b) for b in micro)
+    loss = sum(loop.causal_lm_loss(start, b)["loss_sum"] for b in micro) / total
+    loss.backward()
+    for (name, p0), p1 in zip(start.named_parameters(), model.parameters()):
+        torch.testing.assert_close(p1.detach(), p0.detach() - lr * p0.grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -115,19 +115,3 @@ def load_causal_lm(cfg: ModelConfig, tokenizer=None, **config_overrides: Any):
     if vocab is not None and model.get_input_embeddings().num_embeddings < vocab:
         model.resize_token_embeddings(vocab)
     return model
-
-
-def count_parameters(model) -> dict[str, int]:
-    """Total, trainable and embedding parameter counts (embeddings: input and untied output)."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    emb = 0
-    seen = set()
-    for mod in (model.get_input_embeddings(), getattr(model, "get_output_embeddings", lambda: None)()):
-        if mod is not None and id(mod.weight) not in seen:
-            seen.add(id(mod.weight))
-            emb += mod.weight.numel()
-    pos = getattr(getattr(model, "transformer", None), "wpe", None)  # GPT-2 learned positions
-    if pos is not None:
-        emb += pos.weight.numel()
-    return {"total": total, "trainable": trainable, "embedding": emb, "non_embedding": total - emb}
