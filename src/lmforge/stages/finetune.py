@@ -38,7 +38,7 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.nn.functional as F
 
-from lmforge.config import ConfigError, RunConfig, UserError, help_field, load, nested
+from lmforge.config import ConfigError, UserError, help_field, load, nested
 from lmforge.data.sft import (
     ClassificationCollator,
     LengthGroupedBatches,
@@ -50,13 +50,11 @@ from lmforge.data.sft import (
     pack_examples,
 )
 from lmforge.models import ModelConfig, load_tokenizer
-from lmforge.optim.optimizers import OptimConfig
 from lmforge.optim.param_groups import build_param_groups, check_groups
-from lmforge.optim.schedules import ScheduleConfig
 from lmforge.peft.save import finish_dir, save_adapter
 from lmforge.train import loop
 from lmforge.train.accel import is_deepspeed, is_sharded
-from lmforge.train.settings import CheckpointConfig, EvalConfig, LogConfig, TrainConfig
+from lmforge.train.settings import TrainingRecipe
 
 log = logging.getLogger("lmforge")
 
@@ -171,18 +169,12 @@ class ExportConfig:
 
 
 @dataclasses.dataclass
-class Config(RunConfig):
+class Config(TrainingRecipe):
     STAGE: ClassVar[str] = "finetune"
     task: Literal["sft", "classification"] = help_field("sft", help="sft (causal LM on completions) or classification (sequence classification).")
     model: ModelConfig = nested(ModelConfig)
     data: SFTDataConfig = nested(SFTDataConfig)
     peft: PeftSettings = nested(PeftSettings)
-    optim: OptimConfig = nested(OptimConfig)
-    schedule: ScheduleConfig = nested(ScheduleConfig)
-    train: TrainConfig = nested(TrainConfig)
-    eval: EvalConfig = nested(EvalConfig)
-    checkpoint: CheckpointConfig = nested(CheckpointConfig)
-    log: LogConfig = nested(LogConfig)
     export: ExportConfig = nested(ExportConfig)
 
     def problems(self) -> list[str]:

@@ -12,28 +12,20 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from lmforge.config import RunConfig, nested
+from lmforge.config import nested
 from lmforge.data.lm import LMDataConfig, build_lm_datasets
 from lmforge.data.mlm import ensure_mask_token, load_masked_lm
 from lmforge.models import ModelConfig, build_model_config, load_causal_lm, load_tokenizer
-from lmforge.optim.optimizers import OptimConfig
-from lmforge.optim.schedules import ScheduleConfig
 from lmforge.train import loop
 from lmforge.train.regularize import dropout_overrides, objective_kwargs
-from lmforge.train.settings import CheckpointConfig, EvalConfig, LogConfig, TrainConfig
+from lmforge.train.settings import TrainingRecipe
 
 
 @dataclasses.dataclass
-class Config(RunConfig):
+class Config(TrainingRecipe):
     STAGE: ClassVar[str] = "pretrain"
     model: ModelConfig = nested(ModelConfig)
     data: LMDataConfig = nested(LMDataConfig)
-    optim: OptimConfig = nested(OptimConfig)
-    schedule: ScheduleConfig = nested(ScheduleConfig)
-    train: TrainConfig = nested(TrainConfig)
-    eval: EvalConfig = nested(EvalConfig)
-    checkpoint: CheckpointConfig = nested(CheckpointConfig)
-    log: LogConfig = nested(LogConfig)
 
 
 def main(cfg: Config) -> loop.RunResult:

@@ -8,8 +8,9 @@ knows nothing about hardware: ``accelerate`` decides devices, precision and the 
     ... build model / data on `acc` ...
     result = run(acc, cfg, model, train_ds, val_ds, collate=..., loss_fn=...)
 
-``cfg`` is a stage recipe with the groups ``optim``, ``schedule``, ``train``, ``eval``,
-``checkpoint``, ``log`` and the top-level keys ``output_dir``, ``seed``, ``resume``, ``overwrite``.
+``cfg`` is a stage recipe built on ``train.settings.TrainingRecipe``: the groups ``optim``,
+``schedule``, ``train``, ``eval``, ``checkpoint``, ``log`` and the top-level keys ``output_dir``,
+``seed``, ``resume``, ``overwrite``.
 
 Loss normalisation: a stage's ``loss_fn(model, batch)`` returns the *sum* of per-token losses and
 the token count. The loop divides by the number of loss tokens in the whole accumulated global

@@ -1,11 +1,14 @@
-"""Recipe groups shared by every training stage (pretrain, finetune, distill): train, eval, checkpoint, log."""
+"""Recipe groups shared by every training stage (pretrain, finetune, distill): train, eval, checkpoint, log,
+and :class:`TrainingRecipe`, the top level every training stage's recipe starts from."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Literal
 
-from lmforge.config import help_field, nested
+from lmforge.config import RunConfig, help_field, nested
+from lmforge.optim.optimizers import OptimConfig
+from lmforge.optim.schedules import ScheduleConfig
 from lmforge.train.ema import EMAConfig
 from lmforge.train.regularize import CurriculumConfig, DropoutConfig, EarlyStoppingConfig
 
@@ -85,3 +88,15 @@ class LogConfig:
 
     def problems(self) -> list[str]:
         return ["log_every: must be > 0"] if self.log_every <= 0 else []
+
+
+@dataclasses.dataclass
+class TrainingRecipe(RunConfig):
+    """The groups ``train.loop.run`` reads; each training stage's ``Config`` adds its own (model, data, ...)."""
+
+    optim: OptimConfig = nested(OptimConfig)
+    schedule: ScheduleConfig = nested(ScheduleConfig)
+    train: TrainConfig = nested(TrainConfig)
+    eval: EvalConfig = nested(EvalConfig)
+    checkpoint: CheckpointConfig = nested(CheckpointConfig)
+    log: LogConfig = nested(LogConfig)
