@@ -253,3 +253,26 @@ def test_adapter_run_resumes_bitwise(base_dir, tmp_path):
     resumed = load_file(tmp_path / "r" / "final" / "adapter_model.safetensors")
     straight = load_file(tmp_path / "straight" / "final" / "adapter_model.safetensors")
     assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in straight)
+
+
+def test_qlora_base_is_not_repacked_on_avx512_bf16_cpus(base_dir, tmp_path, monkeypatch):
+    """bitsandbytes repacks 4-bit weights in place on the first eval forward where the CPU has
+    AVX512-BF16 (absmax to bf16, nested quantisation undone; widths not divisible by 32 fail). The
+    loader turns that path off; the test forces bitsandbytes to believe this CPU has AVX512-BF16, so
+    it checks the fix on every CPU kind, and a no-grad eval forward must leave the base bitwise as
+    loaded (the tiny base has a 128-wide MLP, fine, and 32-wide k/v projections)."""
+    import bitsandbytes.nn.modules as bnb_modules
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+    cfg = recipe_cfg("finetune_lora", base_dir, tmp_path / "q", "peft.method=qlora", "peft.dropout=0.0")
+    tok = finetune.load_tokenizer(cfg.model)
+    model = finetune.load_base_model(cfg, tok)
+    layers = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.eval()
+    with torch.no_grad():
+        model(PROBE)
+    after = model.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert not changed, f"the 4-bit base changed in a forward: {changed[:3]}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import logging
 import sys
 from collections.abc import Callable
 
@@ -82,6 +83,33 @@ def run_stage(name: str, argv: list[str]) -> int:
     return 0
 
 
+def _leave_distributed(code: int) -> None:
+    """End a multi-process run so that no rank dies at interpreter exit.
+
+    A 2-rank DeepSpeed run on CPU finished training and then aborted on rank 1 at exit
+    ("terminate called without an active exception", SIGABRT) under load: the process group was
+    destroyed while another rank still wrote its summary, and gloo's/DeepSpeed's C++ threads met
+    Python's finalisation in no fixed order. So: every rank waits for the others, the process group
+    is destroyed once, output is flushed, and the process exits without running C++ static
+    destructors (``os._exit``). Single-process runs exit normally."""
+    import os
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    try:
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+    except Exception:  # a peer already gone: nothing left to coordinate with
+        pass
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def check_cli(argv: list[str]) -> int:
     """`lmforge check RECIPE.yaml [overrides]`: validate a recipe without running it."""
     if not argv or argv[0] in ("-h", "--help"):
@@ -112,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     try:
         if command in STAGES:
-            return run_stage(command, rest)
+            code = run_stage(command, rest)
+            _leave_distributed(code)
+            return code
         if command in TOOLS:
             return int(_import_tool(command)(rest) or 0)
         close = difflib.get_close_matches(command, [*STAGES, *TOOLS], n=1)

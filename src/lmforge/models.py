@@ -115,3 +115,22 @@ def load_causal_lm(cfg: ModelConfig, tokenizer=None, **config_overrides: Any):
     if vocab is not None and model.get_input_embeddings().num_embeddings < vocab:
         model.resize_token_embeddings(vocab)
     return model
+
+
+def keep_4bit_weights_as_stored(model) -> int:
+    """Turn off bitsandbytes' CPU repacking of 4-bit weights; returns how many layers it touched.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.49+) rewrites a ``Linear4bit``'s weight in place on
+    its first eval-mode, no-grad forward into a kernel-friendly layout: the absmax scales become
+    bf16 and the double quantisation is undone, and saving converts back by quantising the absmax
+    again. So a frozen QLoRA base changes in memory (absmax, nested_absmax and the dequantised
+    weight, by ~3e-4), evaluation runs on other numbers than training, and a layer whose output
+    width is not a multiple of 32 fails with "N must be divisible by block_n". The flag this sets is
+    the one bitsandbytes reads to choose that path; with it off, every forward dequantises the
+    stored weights, exactly as training does, on every CPU."""
+    n = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n

@@ -49,7 +49,7 @@ from lmforge.data.sft import (
     describe_stats,
     pack_examples,
 )
-from lmforge.models import ModelConfig, load_tokenizer
+from lmforge.models import ModelConfig, keep_4bit_weights_as_stored, load_tokenizer
 from lmforge.optim.param_groups import build_param_groups, check_groups
 from lmforge.peft.save import finish_dir, save_adapter
 from lmforge.train import loop
@@ -248,6 +248,8 @@ def load_base_model(cfg: Config, tokenizer, label_names: list[str] | None = None
     except (OSError, ValueError) as e:
         raise UserError(f"model.name_or_path: cannot load '{cfg.model.name_or_path}' as a {cls.__name__.removeprefix('AutoModelFor')} "
                         f"model ({str(e).splitlines()[0]})") from None
+    if qc is not None:
+        keep_4bit_weights_as_stored(model)  # the frozen base stays bitwise what was loaded, on every CPU
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         log.warning("tokenizer has %d tokens, the model %d: resizing the embeddings (new rows start untrained)",
                     len(tokenizer), model.get_input_embeddings().num_embeddings)

@@ -396,6 +396,7 @@ def run(
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         (out / "report.md").write_text(_report(out, summary))
     if end_training:
+        acc.wait_for_everyone()  # no rank tears the process group down while another still writes
         acc.end_training()  # closes trackers and destroys the process group
     return RunResult(out, final_dir, state["step"], last_loss, last_eval, first_loss)
 
