@@ -40,8 +40,8 @@ sys.path.insert(0, str(ROOT / "src"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from lmforge.data.dedup import NearDedupConfig  # noqa: E402
-from lmforge.data.minhash import MinHasher, UnionFind, cluster, jaccard  # noqa: E402
+from lmforge.pipeline.dedup import NearDedupConfig  # noqa: E402
+from lmforge.pipeline.minhash import MinHasher, UnionFind, cluster, jaccard  # noqa: E402
 
 NGRAM, NUM_PERM = 5, 128
 
@@ -127,7 +127,7 @@ def run_datatrove(docs, bands, rows, tmp):
     )
     from loguru import logger
 
-    from lmforge.data.clean import RegexWordTokenizer
+    from lmforge.pipeline.clean import RegexWordTokenizer
 
     logger.remove()
     cfg = MinhashConfig(n_grams=NGRAM, num_buckets=bands, hashes_per_bucket=rows, seed=1)
@@ -206,8 +206,8 @@ def bench_pack(texts: list[str], block_size: int = 512):
     import datasets
     from transformers import AutoTokenizer
 
-    from lmforge.data.lm import pack_flat
-    from lmforge.data.publish import tokenize_flat
+    from lmforge.datasets.lm import pack_flat
+    from lmforge.pipeline.publish import tokenize_flat
 
     datasets.disable_progress_bars()
     tok = AutoTokenizer.from_pretrained(str(ROOT / "tests" / "fixtures" / "tokenizer"))

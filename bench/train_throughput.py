@@ -36,11 +36,12 @@ def main() -> None:
     from transformers import Trainer, TrainingArguments
 
     from lmforge.config import load
-    from lmforge.data.lm import build_lm_datasets
+    from lmforge.datasets.lm import build_lm_datasets
     from lmforge.models import load_causal_lm, load_tokenizer
     from lmforge.stages import pretrain
     from lmforge.train import loop
     from lmforge.train.flops import flops_per_token, peak_flops
+    from lmforge.train.tasks import CausalLM
 
     tmp = Path(tempfile.mkdtemp(prefix="lmforge-bench-"))
     model_keys = [
@@ -85,7 +86,7 @@ def main() -> None:
     acc = loop.setup(cfg)
     model = load_causal_lm(cfg.model, tok)
     t = time.perf_counter()
-    loop.run(acc, cfg, model, train_ds, None, tokenizer=tok, seq_len=args.seq, save_final=False)
+    loop.run(acc, cfg, model, CausalLM(args.seq), train_ds, None, tokenizer=tok, save_final=False)
     t_ours = time.perf_counter() - t
 
     n_params = sum(p.numel() for p in model.parameters())

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from conftest import BIN, ROOT, subprocess_env
 
-from lmforge import cli, config
+from lmforge import config, recipe
 from lmforge.config import ConfigError, load
 from lmforge.stages.pretrain import Config as PretrainConfig
 
@@ -91,8 +91,8 @@ def test_every_recipe_parses():
     assert recipes
     for path in recipes:
         stage = yaml.safe_load(path.read_text()).get("stage")
-        assert stage in cli.STAGES, f"{path}: stage {stage!r}"
-        module = cli._import_stage(stage)
+        assert stage in recipe.STAGES, f"{path}: stage {stage!r}"
+        module = recipe.import_stage(stage)
         try:
             load(module.Config, path)
         except ConfigError as e:

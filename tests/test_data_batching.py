@@ -1,15 +1,15 @@
-"""Fine-tuning batching helpers: length grouping, token-budget batches, pad-to-multiple-of-8 collate."""
+"""Batch sources and padding helpers: length grouping, token-budget batches, pad-to-multiple-of-8 collate,
+and the deterministic per-rank sources the loop reads (resume asks for micro-batch k directly)."""
 
 from __future__ import annotations
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader
+from datasets import Dataset
 
-from lmforge.data.batching import (
-    LengthGroupedSampler,
+from lmforge.datasets.batching import (
+    LengthGroupedBatches,
     PadCollator,
-    TokenBudgetBatchSampler,
+    RankBatches,
     length_grouped_indices,
     padding_fraction,
     round_up,
@@ -35,8 +35,6 @@ def test_length_grouped_is_a_permutation_with_less_padding_and_longest_first():
     # deterministic per (seed, epoch), different across epochs
     assert idx == length_grouped_indices(LENGTHS, 16, seed=1)
     assert idx != length_grouped_indices(LENGTHS, 16, seed=1, epoch=1)
-    s = LengthGroupedSampler(LENGTHS, 16, seed=1)
-    assert list(s) == idx and len(s) == len(LENGTHS)
 
 
 def test_token_budget_batches_respect_budget_and_cover_everything():
@@ -52,17 +50,6 @@ def test_token_budget_batches_respect_budget_and_cover_everything():
     assert max(len(b) for b in capped) == 7
 
 
-def test_token_budget_sampler_shards_evenly_across_ranks():
-    per_rank = [list(TokenBudgetBatchSampler(LENGTHS, 1024, seed=3, num_replicas=3, rank=r)) for r in range(3)]
-    assert len({len(p) for p in per_rank}) == 1
-    seen = [i for p in per_rank for b in p for i in b]
-    assert len(seen) == len(set(seen))  # no example on two ranks
-    s = TokenBudgetBatchSampler(LENGTHS, 1024, seed=3)
-    first = list(s)
-    s.set_epoch(1)
-    assert list(s) != first and len(s) == len(list(s))
-
-
 def test_pad_collator_pads_to_multiple_of_8():
     feats = [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}, {"input_ids": list(range(1, 11)), "labels": list(range(1, 11))}]
     out = PadCollator(pad_token_id=0)(feats)
@@ -75,11 +62,25 @@ def test_pad_collator_pads_to_multiple_of_8():
     assert PadCollator(pad_token_id=0, max_length=4)(feats)["input_ids"].shape == (2, 8)
 
 
-def test_dataloader_with_token_budget():
-    data = [{"input_ids": list(range(1, n + 1))} for n in LENGTHS[:100]]
-    sampler = TokenBudgetBatchSampler([len(d["input_ids"]) for d in data], max_tokens=512, seed=0)
-    loader = DataLoader(data, batch_sampler=sampler, collate_fn=PadCollator(pad_token_id=0))
-    for batch in loader:
-        assert batch["input_ids"].shape[1] % 8 == 0
-        assert batch["input_ids"].numel() <= 512 or batch["input_ids"].shape[0] == 1
-        assert batch["input_ids"].dtype == torch.long
+def _ids(batch) -> list[list[int]]:
+    return [[t for t in row if t] for row in batch["input_ids"].tolist()]
+
+
+def test_batch_sources_split_a_global_batch_across_ranks_and_are_pure_in_k():
+    data = Dataset.from_dict({"input_ids": [list(range(1, n + 1)) for n in LENGTHS[:96]]})
+    collate = PadCollator(pad_token_id=0)
+    for cls in (RankBatches, LengthGroupedBatches):
+        ranks = [cls(data, 4, collate, seed=5, rank=r, world=2) for r in range(2)]
+        for k in (0, 7, 11, 12, 25):  # 12 global batches per epoch: 12 and 25 are in the next epochs
+            a, b = (r.indices(k) for r in ranks)
+            assert len(a) == len(b) == 4 and not set(a) & set(b), (cls.__name__, k)
+        # micro-batch k does not depend on what was asked before (resume jumps straight to k)
+        fresh = cls(data, 4, collate, seed=5, rank=1, world=2)
+        assert _ids(fresh.get(25)) == _ids(ranks[1].get(25))
+        epoch0 = {i for k in range(12) for r in ranks for i in r.indices(k)}
+        assert len(epoch0) == 96  # one epoch covers every example exactly once
+    grouped = LengthGroupedBatches(data, 4, collate, seed=5, rank=0, world=1)
+    rand = RankBatches(data, 4, collate, seed=5, rank=0, world=1)
+    lengths = [len(x) for x in data["input_ids"]]
+    assert (padding_fraction([grouped.indices(k) for k in range(24)], lengths)
+            < 0.5 * padding_fraction([rand.indices(k) for k in range(24)], lengths))

@@ -9,7 +9,7 @@ import pytest
 from datatrove.data import Document
 
 from lmforge.config import UserError
-from lmforge.data.clean import (
+from lmforge.pipeline.clean import (
     FiltersConfig,
     LengthProbe,
     NormalizeConfig,
@@ -22,7 +22,7 @@ from lmforge.data.clean import (
     normalize_text,
     scrub_pii,
 )
-from lmforge.data.readers import LocalReader, SourceConfig, keep_fraction
+from lmforge.pipeline.readers import LocalReader, SourceConfig, keep_fraction
 
 GOOD = (
     "The library reads text files from a folder and writes the cleaned documents to a new folder. Each line is "
@@ -182,7 +182,7 @@ def test_language_filter():
     f.filter(d)
     assert d.metadata["language"] == "de" and d.metadata["language_score"] > 0.9
     # batched classification agrees with langid's own classify
-    from lmforge.data.clean import langid_model
+    from lmforge.pipeline.clean import langid_model
 
     for text in (GOOD, GERMAN):
         lang, p = langid_model().classify(text)

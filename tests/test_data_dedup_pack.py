@@ -10,11 +10,11 @@ import pytest
 from conftest import CORPUS, TOKENIZER
 from datatrove.data import Document
 
-from lmforge.data.dedup import DedupConfig, DedupKeys, NearDedupConfig, dedup_decisions, exact_key
-from lmforge.data.lm import pack_flat, tokenize_and_pack
-from lmforge.data.minhash import MinHasher, cluster, estimated_jaccard, jaccard, optimal_param
-from lmforge.data.publish import split_documents, tokenize_flat
-from lmforge.data.tokenizer import TokenizerConfig, train_tokenizer
+from lmforge.datasets.lm import pack_flat, tokenize_and_pack
+from lmforge.pipeline.dedup import DedupConfig, DedupKeys, NearDedupConfig, dedup_decisions, exact_key
+from lmforge.pipeline.minhash import MinHasher, cluster, estimated_jaccard, jaccard, optimal_param
+from lmforge.pipeline.publish import split_documents, tokenize_flat
+from lmforge.pipeline.tokenizer import TokenizerConfig, train_tokenizer
 
 DOCS = [json.loads(line)["text"] for line in CORPUS.read_text(encoding="utf-8").splitlines()]
 LONG = [d for d in DOCS if len(d.split()) > 120][:40]

@@ -116,7 +116,7 @@ def test_planted_documents(tiny):
 
 
 def test_pretrain_reads_the_output(tiny):
-    from lmforge.data.lm import LMDataConfig, build_lm_datasets
+    from lmforge.datasets.lm import LMDataConfig, build_lm_datasets
     from lmforge.models import ModelConfig, load_tokenizer
 
     tok = load_tokenizer(ModelConfig(tokenizer=str(tiny / "tokenizer")))
@@ -145,7 +145,7 @@ def test_refuses_non_empty_output_dir_and_resumes(tiny, tmp_path, capsys):
 def test_interrupted_run_resumes_skipping_finished_tasks(tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     light = [f"output_dir={out}", "filters.language.enabled=false", "tokenizer.vocab_size=300"]
-    import lmforge.data.publish as publish_mod
+    import lmforge.pipeline.publish as publish_mod
 
     def crash(*a, **k):
         raise RuntimeError("simulated crash in the last step")

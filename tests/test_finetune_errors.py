@@ -8,6 +8,7 @@ from test_finetune import build_tiny_base
 
 from lmforge import cli
 from lmforge.config import ConfigError, UserError, load
+from lmforge.peft import merge, methods
 from lmforge.stages import finetune
 
 LORA = ROOT / "recipes" / "tiny" / "finetune_lora.yaml"
@@ -26,7 +27,7 @@ def apply_error(base, *over) -> str:
     from transformers import AutoModelForCausalLM
 
     with pytest.raises(UserError) as e:
-        finetune.apply_method(cfg_for(base, *over), AutoModelForCausalLM.from_pretrained(base))
+        methods.apply_method(cfg_for(base, *over), AutoModelForCausalLM.from_pretrained(base))
     (line,) = e.value.problems
     return line
 
@@ -47,20 +48,20 @@ def test_method_the_model_type_does_not_support(gpt2_dir, method, says):
 
     gptj = AutoModelForCausalLM.from_config(AutoConfig.for_model("gptj", vocab_size=64, n_embd=32, n_layer=1, n_head=2, rotary_dim=8))
     with pytest.raises(UserError) as e:
-        finetune.apply_method(cfg_for(gpt2_dir, f"peft.method={method}", "peft.target_modules=null"), gptj)
+        methods.apply_method(cfg_for(gpt2_dir, f"peft.method={method}", "peft.target_modules=null"), gptj)
     (line,) = e.value.problems
     assert line.startswith(f"peft.method: '{method}' does not support this gptj model (peft says: {says}")
 
 
 def test_unknown_peft_options_are_named_with_a_suggestion(gpt2_dir):
     with pytest.raises(UserError) as e:
-        finetune.peft_config_for(cfg_for(gpt2_dir, "peft.options={lora_dropot: 0.1}"))
+        methods.peft_config_for(cfg_for(gpt2_dir, "peft.options={lora_dropot: 0.1}"))
     assert e.value.problems == ["peft.options: 'lora_dropot' (did you mean 'lora_dropout'?) not a field of peft's LoraConfig"]
 
 
 def test_our_key_a_generic_method_cannot_read(gpt2_dir):
     with pytest.raises(UserError, match=r"^peft\.use_dora: not read by peft's VeraConfig \(method 'vera'\)"):
-        finetune.peft_config_for(cfg_for(gpt2_dir, "peft.method=vera", "peft.use_dora=true"))
+        methods.peft_config_for(cfg_for(gpt2_dir, "peft.method=vera", "peft.use_dora=true"))
 
 
 @pytest.mark.parametrize("overrides,expected", [
@@ -87,9 +88,9 @@ def test_cli_prints_one_line_and_exits_2(capsys):
 
 def test_export_refuses_what_cannot_merge_and_missing_runs(gpt2_dir, tmp_path):
     with pytest.raises(UserError, match=r"^peft\.method: prefix cannot be merged into the base weights \(it adds virtual tokens\)"):
-        finetune.export(load(finetune.Config, ROOT / "recipes/tiny/finetune_prefix.yaml", [f"model.name_or_path={gpt2_dir}"]))
+        merge.export(load(finetune.Config, ROOT / "recipes/tiny/finetune_prefix.yaml", [f"model.name_or_path={gpt2_dir}"]))
     with pytest.raises(UserError, match=r"^output_dir: no adapter in '.*final'; run `lmforge finetune` with this recipe first"):
-        finetune.export(cfg_for(gpt2_dir, f"output_dir={tmp_path}"))
+        merge.export(cfg_for(gpt2_dir, f"output_dir={tmp_path}"))
 
 
 def test_pretrain_only_train_keys_are_refused_not_ignored():

@@ -79,9 +79,10 @@ import json, sys
 from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from lmforge.config import load
-from lmforge.data.lm import build_lm_datasets
+from lmforge.datasets.lm import build_lm_datasets
 from lmforge.stages.pretrain import Config
-from lmforge.train.loop import causal_lm_loss, collate_blocks, evaluate
+from lmforge.train.evaluate import evaluate
+from lmforge.train.tasks import CausalLM
 acc = Accelerator(cpu=True)
 out = {}
 for d in sys.argv[1:]:
@@ -89,7 +90,7 @@ for d in sys.argv[1:]:
     tok = AutoTokenizer.from_pretrained(d)
     model = AutoModelForCausalLM.from_pretrained(d)
     _, val = build_lm_datasets(cfg.data, tok, cfg.seed)
-    out[d] = evaluate(acc, model, val, collate_blocks, causal_lm_loss, cfg.eval.per_device_eval_batch_size)["loss"]
+    out[d] = evaluate(acc, model, val, CausalLM(), cfg.eval.per_device_eval_batch_size)["loss"]
 print("RELOAD" + json.dumps(out))
 """
 

@@ -12,7 +12,7 @@ from contextlib import redirect_stdout
 import pytest
 from conftest import ROOT, subprocess_env
 
-from lmforge.stages import plan
+from lmforge.tools import plan
 
 GiB = 1024**3
 TINY = "recipes/tiny/pretrain.yaml"

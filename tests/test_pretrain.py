@@ -11,7 +11,9 @@ from conftest import ROOT
 from safetensors.torch import load_file
 
 from lmforge.config import UserError, load
+from lmforge.datasets.batching import RankBatches
 from lmforge.stages import pretrain
+from lmforge.train.tasks import CausalLM, collate_blocks
 
 RECIPE = ROOT / "recipes" / "tiny" / "pretrain.yaml"
 FAST = ["log.trackers=[]", "eval.eval_every=0", "log.log_every=5"]
@@ -58,7 +60,7 @@ def test_loss_falls_and_outputs_exist(tiny_run):
 def test_final_model_reloads_with_same_eval_loss(tiny_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lmforge.data.lm import build_lm_datasets
+    from lmforge.datasets.lm import build_lm_datasets
 
     out, result = tiny_run
     model = AutoModelForCausalLM.from_pretrained(out / "final").eval()
@@ -158,7 +160,7 @@ def test_one_sgd_step_matches_the_global_token_mean_gradient(tmp_path):
     per-micro-batch means (or a missing 1/gas or x gas) would not give. SGD keeps the scale visible."""
     import copy
 
-    from lmforge.data.lm import build_lm_datasets
+    from lmforge.datasets.lm import build_lm_datasets
     from lmforge.models import load_causal_lm, load_tokenizer
     from lmforge.train import loop
 
@@ -171,7 +173,7 @@ def test_one_sgd_step_matches_the_global_token_mean_gradient(tmp_path):
     ])
 
     def collate(rows):  # the first two examples of each micro-batch keep 8 loss tokens, the others all
-        batch = loop.collate_blocks(rows)
+        batch = collate_blocks(rows)
         batch["labels"][:2, :-8] = -100
         return batch
 
@@ -180,12 +182,12 @@ def test_one_sgd_step_matches_the_global_token_mean_gradient(tmp_path):
     train, _ = build_lm_datasets(cfg.data, tok, cfg.seed)
     model = load_causal_lm(cfg.model, tok)
     start = copy.deepcopy(model)
-    batches = loop.RankBatches(train, 4, collate, cfg.seed, 0, 1)
+    batches = RankBatches(train, 4, collate, cfg.seed, 0, 1)
     micro = [batches.get(0), batches.get(1)]
-    loop.run(acc, cfg, model, train, None, collate=collate, seq_len=cfg.data.block_size, save_final=False)
+    loop.run(acc, cfg, model, CausalLM(cfg.data.block_size, collate=collate), train, None, save_final=False)
 
-    total = sum(loop.count_causal_tokens(b) for b in micro)
-    loss = sum(loop.causal_lm_loss(start, b)["loss_sum"] for b in micro) / total
+    total = sum(CausalLM().count_tokens(b) for b in micro)
+    loss = sum(CausalLM().loss(start, b)["loss_sum"] for b in micro) / total
     loss.backward()
     for (name, p0), p1 in zip(start.named_parameters(), model.parameters()):
         torch.testing.assert_close(p1.detach(), p0.detach() - lr * p0.grad, rtol=1e-4, atol=1e-6, msg=name)

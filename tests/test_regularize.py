@@ -9,20 +9,19 @@ from conftest import TOKENIZER
 from transformers import AutoConfig, AutoTokenizer
 
 from lmforge.config import ConfigError, UserError, from_dict
-from lmforge.data.mlm import MLMMasker, ensure_mask_token, mask_tokens
+from lmforge.datasets.mlm import MLMMasker, ensure_mask_token, mask_tokens
 from lmforge.train.ema import EMA, EMAConfig
 from lmforge.train.regularize import (
     CurriculumBatches,
     CurriculumConfig,
     DropoutConfig,
     EarlyStoppingConfig,
-    causal_lm_loss_fn,
     curriculum_length,
     dropout_overrides,
     early_stop,
-    token_cross_entropy,
 )
 from lmforge.train.settings import TrainConfig
+from lmforge.train.tasks import CausalLM, token_loss
 
 # ---- label smoothing -----------------------------------------------------------------------------
 
@@ -32,7 +31,7 @@ def test_label_smoothing_matches_formula_and_ignores_masked_positions():
     logits = torch.randn(2, 5, 7, dtype=torch.float64)
     labels = torch.tensor([[1, 2, -100, 3, 0], [-100, -100, 6, 5, 4]])
     eps = 0.1
-    out = token_cross_entropy(logits, labels, eps)
+    out = token_loss(logits, labels, eps)
     logp = logits.log_softmax(-1)
     expect = 0.0
     for b in range(2):
@@ -48,7 +47,7 @@ def test_label_smoothing_matches_formula_and_ignores_masked_positions():
     logits2 = logits.clone()
     logits2[0, 2] = 1e4
     logits2[1, 0] = -1e4
-    assert token_cross_entropy(logits2, labels, eps)["loss_sum"].item() == pytest.approx(out["loss_sum"].item(), rel=1e-9)
+    assert token_loss(logits2, labels, eps)["loss_sum"].item() == pytest.approx(out["loss_sum"].item(), rel=1e-9)
 
 
 def test_label_smoothing_only_in_training_mode():
@@ -64,7 +63,7 @@ def test_label_smoothing_only_in_training_mode():
 
     model = Tiny()
     batch = {"input_ids": torch.randint(0, 11, (2, 6)), "labels": torch.randint(0, 11, (2, 6))}
-    plain, smooth = causal_lm_loss_fn(0.0), causal_lm_loss_fn(0.2)
+    plain, smooth = CausalLM(label_smoothing=0.0).loss, CausalLM(label_smoothing=0.2).loss
     model.train()
     assert smooth(model, batch)["loss_sum"].item() != pytest.approx(plain(model, batch)["loss_sum"].item())
     model.eval()
@@ -139,8 +138,7 @@ def test_mlm_masks_are_deterministic_dynamic_and_fixed_for_validation():
 
 
 def test_mlm_objective_needs_an_encoder():
-    from lmforge.data.mlm import load_masked_lm
-    from lmforge.models import ModelConfig
+    from lmforge.models import ModelConfig, load_masked_lm
 
     cfg = ModelConfig(config={"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
                               "intermediate_size": 64, "vocab_size": 64}, tokenizer=str(TOKENIZER))

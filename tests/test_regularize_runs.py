@@ -16,6 +16,7 @@ from lmforge.config import load
 from lmforge.optim.schedules import make_schedule
 from lmforge.stages import pretrain
 from lmforge.train.regularize import Diverged
+from lmforge.train.tasks import CausalLM
 
 FAST = ["log.trackers=[]", "eval.eval_every=0", "log.log_every=1", "checkpoint.save_every=0"]
 SMALL = ["data.block_size=32", "train.per_device_train_batch_size=4", "eval.max_eval_batches=2",
@@ -109,7 +110,7 @@ def test_early_stopping_stops_checkpoints_and_saves_final(tmp_path):
 
 def test_nan_loss_stops_with_last_good_checkpoint_kept(tmp_path):
     """A loss that turns NaN at step 5 stops the real loop before it updates or saves over good checkpoints."""
-    from lmforge.data.lm import build_lm_datasets
+    from lmforge.datasets.lm import build_lm_datasets
     from lmforge.models import load_causal_lm, load_tokenizer
     from lmforge.train import loop
 
@@ -122,15 +123,16 @@ def test_nan_loss_stops_with_last_good_checkpoint_kept(tmp_path):
     model = load_causal_lm(cfg.model, tok)
     calls = {"n": 0}
 
-    def poisoned_loss(model, batch):
-        calls["n"] += 1
-        out = loop.causal_lm_loss(model, batch)
-        if calls["n"] >= 5:  # the 5th update (gas=1)
-            out["loss_sum"] = out["loss_sum"] * float("nan")
-        return out
+    class Poisoned(CausalLM):
+        def loss(self, model, batch):
+            calls["n"] += 1
+            out = super().loss(model, batch)
+            if calls["n"] >= 5:  # the 5th update (gas=1)
+                out["loss_sum"] = out["loss_sum"] * float("nan")
+            return out
 
     with pytest.raises(Diverged, match=r"at step 5; stopped before updating or saving; the last good checkpoint is .*step_4"):
-        loop.run(acc, cfg, model, train_ds, val_ds, loss_fn=poisoned_loss, seq_len=32)
+        loop.run(acc, cfg, model, Poisoned(32), train_ds, val_ds)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_2", "step_4"]
     assert all(torch.isfinite(p).all() for p in model.parameters()), "the NaN step did not reach the weights"
 
@@ -138,7 +140,7 @@ def test_nan_loss_stops_with_last_good_checkpoint_kept(tmp_path):
 def test_ema_weights_are_used_for_eval_and_saved(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from lmforge.data.lm import build_lm_datasets
+    from lmforge.datasets.lm import build_lm_datasets
     from lmforge.models import load_tokenizer
 
     cfg, result = run("pretrain.yaml", tmp_path, "train.max_steps=4", "eval.eval_every=4", "train.ema.decay=0.5",

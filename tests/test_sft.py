@@ -9,8 +9,8 @@ import torch
 from conftest import FIXTURES, TOKENIZER
 
 from lmforge.config import UserError
-from lmforge.data.sft import (
-    LengthGroupedBatches,
+from lmforge.datasets.batching import LengthGroupedBatches
+from lmforge.datasets.sft import (
     SFTCollator,
     SFTDataConfig,
     build_classification_datasets,

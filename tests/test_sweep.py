@@ -9,7 +9,7 @@ import math
 import pytest
 
 from lmforge.config import UserError
-from lmforge.sweep import grid_trials, parse_args, random_trials, write_summary
+from lmforge.tools.sweep import grid_trials, parse_args, random_trials, write_summary
 
 
 def test_grid_is_every_combination():
@@ -92,7 +92,7 @@ def test_grid_sweep_runs_trials_and_resumes(tmp_path):
     stamp = (tmp_path / "trial_000.log").stat().st_mtime_ns
     assert main(argv) == 0  # rerun: both trials are finished and skipped
     assert (tmp_path / "trial_000.log").stat().st_mtime_ns == stamp
-    from lmforge.sweep import cli
+    from lmforge.tools.sweep import cli
 
     with pytest.raises(UserError, match="holds a different sweep"):
         cli(argv[1:-4] + ["--grid", "optim.learning_rate=1e-2", "--out", str(tmp_path)])

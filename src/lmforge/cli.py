@@ -1,4 +1,5 @@
-"""`lmforge <command> ...`: one entry point for every stage and tool.
+"""`lmforge <command> ...`: one entry point for every stage and tool; the command table lives here and
+nothing but ``__main__`` imports this module (the library's recipe dispatch is ``lmforge.recipe``).
 
 Stages take a recipe and overrides: ``lmforge pretrain recipes/tiny/pretrain.yaml optim.learning_rate=1e-3``.
 Their modules define a root recipe dataclass ``Config`` and ``main(cfg)``. Tools (``check``, ``plan``,
@@ -15,27 +16,18 @@ import logging
 import sys
 from collections.abc import Callable
 
-from lmforge.config import UserError, describe, load, read_yaml
-
-# stage name -> module with `Config` and `main(cfg)`
-STAGES: dict[str, str] = {
-    "data": "lmforge.stages.data",
-    "pretrain": "lmforge.stages.pretrain",
-    "finetune": "lmforge.stages.finetune",
-    "distill": "lmforge.stages.distill",
-    "quantize": "lmforge.stages.quantize",
-    "evaluate": "lmforge.stages.evaluate",
-}
+from lmforge.config import UserError, describe
+from lmforge.recipe import STAGES, import_stage, load_recipe
 
 # tool name -> "module:function" taking argv
 TOOLS: dict[str, str] = {
-    "check": "lmforge.cli:check_cli",
-    "plan": "lmforge.stages.plan:cli",
-    "schedule": "lmforge.optim.schedules:cli",
-    "sweep": "lmforge.sweep:cli",
-    "lr-find": "lmforge.lr_find:cli",
-    "export": "lmforge.stages.finetune:export_cli",
-    "generate": "lmforge.generate:cli",
+    "check": "lmforge.tools.check:cli",
+    "plan": "lmforge.tools.plan:cli",
+    "schedule": "lmforge.tools.schedule:cli",
+    "sweep": "lmforge.tools.sweep:cli",
+    "lr-find": "lmforge.tools.lr_find:cli",
+    "export": "lmforge.tools.export:cli",
+    "generate": "lmforge.tools.generate:cli",
 }
 
 USAGE = """usage: lmforge <command> [args]
@@ -52,15 +44,6 @@ def _usage() -> str:
     return USAGE.format(stages=", ".join(STAGES), tools=", ".join(TOOLS))
 
 
-def _import_stage(name: str):
-    try:
-        return importlib.import_module(STAGES[name])
-    except ModuleNotFoundError as e:
-        if e.name and STAGES[name].startswith(e.name):
-            raise UserError(f"stage '{name}' is not available in this version of lmforge") from None
-        raise
-
-
 def _import_tool(name: str) -> Callable[[list[str]], int | None]:
     module, _, func = TOOLS[name].partition(":")
     try:
@@ -72,13 +55,12 @@ def _import_tool(name: str) -> Callable[[list[str]], int | None]:
 
 
 def run_stage(name: str, argv: list[str]) -> int:
-    module = _import_stage(name)
+    module = import_stage(name)
     if not argv or argv[0] in ("-h", "--help"):
         print(f"usage: lmforge {name} RECIPE.yaml [key.path=value ...]\n\nrecipe keys:")
         print("\n".join(describe(module.Config)))
         return 0 if argv else 2
-    recipe, overrides = argv[0], argv[1:]
-    cfg = load(module.Config, recipe, overrides)
+    _, cfg = load_recipe(argv[0], argv[1:], stage=name)
     module.main(cfg)
     return 0
 
@@ -108,28 +90,6 @@ def _leave_distributed(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
-
-
-def check_cli(argv: list[str]) -> int:
-    """`lmforge check RECIPE.yaml [overrides]`: validate a recipe without running it."""
-    if not argv or argv[0] in ("-h", "--help"):
-        print("usage: lmforge check RECIPE.yaml [key.path=value ...]   (the recipe's `stage:` key picks the schema)")
-        return 0 if argv else 2
-    recipe, overrides = argv[0], argv[1:]
-    stage = read_yaml(recipe).get("stage")
-    if stage not in STAGES:
-        hint = difflib.get_close_matches(str(stage), list(STAGES), n=1)
-        raise UserError(
-            f"{recipe}: stage: {stage!r} is not a stage"
-            + (f"; did you mean '{hint[0]}'?" if hint else f"; add `stage: <one of {', '.join(STAGES)}>`")
-        )
-    module = _import_stage(stage)
-    cfg = load(module.Config, recipe, overrides)
-    extra = getattr(module, "check", None)  # optional deeper checks that need no training
-    if callable(extra):
-        extra(cfg)
-    print(f"{recipe}: OK ({stage} recipe)")
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

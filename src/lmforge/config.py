@@ -65,8 +65,12 @@ class RunConfig:
 
     def problems(self) -> list[str]:
         out = []
-        if not self.output_dir:
+        if not self.output_dir or self.output_dir in ("None", "null"):
             out.append("output_dir: required; set it in the recipe or pass output_dir=PATH")
+        elif Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
+            out.append(f"output_dir: '{self.output_dir}' is a file, not a folder; choose another output_dir")
+        if not 0 <= self.seed < 2**32:
+            out.append(f"seed: {self.seed} is outside 0 .. 2**32-1 (what NumPy and torch accept); choose a smaller seed")
         if self.resume not in ("none", "auto") and not Path(self.resume).is_dir():
             out.append(f"resume: '{self.resume}' is neither 'none', 'auto' nor an existing checkpoint folder")
         return out
@@ -74,6 +78,22 @@ class RunConfig:
 
 # --------------------------------------------------------------------------------------------
 # Type coercion
+
+
+def field_defaults(cls: type) -> dict[str, Any]:
+    """{field name: default} of a dataclass (factories called)."""
+    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(cls)}
+
+
+def only_for(obj: Any, choice: str, readers: dict[str, tuple[str, ...]], what: str) -> list[str]:
+    """Problems for keys set away from their default although the current ``choice`` does not read them.
+
+    ``readers`` maps a key to the choices that read it; a key set for another choice is an error, not a
+    silent no-op: "power: only read by schedule polynomial, not 'cosine'; remove it"."""
+    defaults = field_defaults(type(obj))
+    return [f"{key}: only read by {what} {' / '.join(users)}, not '{choice}'; remove it"
+            for key, users in readers.items() if choice not in users and getattr(obj, key) != defaults[key]]
 
 
 def _type_name(tp: Any) -> str:
@@ -261,12 +281,33 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), parsed
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise _DuplicateKey(f"key '{key}' appears twice in one mapping (lines {seen[key]} and {line}); "
+                                    "keep one, since YAML would silently use the last")
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | os.PathLike) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: recipe file not found; check the path (recipes live under recipes/)")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_StrictLoader)  # safe_load, duplicates refused
+    except _DuplicateKey as e:
+        raise ConfigError(f"{p}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

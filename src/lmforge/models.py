@@ -1,4 +1,12 @@
-"""Model and tokenizer from a recipe: built from a config (`model.config`) or loaded from a path/hub id.
+"""Every model and tokenizer loader: built from a config (`model.config`) or loaded from a path/hub id.
+
+    load_tokenizer        the recipe's tokenizer (pad token set for causal LMs)
+    load_causal_lm        AutoModelForCausalLM, fresh (seeded by the caller) or pretrained
+    load_masked_lm        AutoModelForMaskedLM (pretrain with train.objective: mlm)
+    load_pretrained       a pretrained causal LM or sequence classifier, optionally 4-bit (QLoRA)
+    load_for_generation   a model folder or an adapter folder + its base, in eval mode
+
+All of them honour ``model.dtype``, ``model.attn_implementation`` and ``model.trust_remote_code``.
 
 ``model.config`` takes any ``transformers`` ``model_type`` and its kwargs, e.g.
 ``{model_type: llama, hidden_size: 64, num_hidden_layers: 2, ...}``; ``model.name_or_path`` takes a
@@ -31,6 +39,8 @@ class ModelConfig:
             out.append("name_or_path / config: give exactly one (a model to load, or a config to build from)")
         if self.config and "model_type" not in self.config:
             out.append("config.model_type: required when building from a config (e.g. llama, gpt2, mistral)")
+        elif self.config:
+            out += config_key_problems(self.config)
         if self.name_or_path and _looks_local(self.name_or_path) and not Path(self.name_or_path).exists():
             out.append(f"name_or_path: '{self.name_or_path}' does not exist; give an existing model folder or a hub id")
         if not self.tokenizer and not self.name_or_path:
@@ -42,15 +52,57 @@ class ModelConfig:
         return out
 
 
+def config_key_problems(config: dict[str, Any]) -> list[str]:
+    """``model.config`` checked against the transformers config class of its model_type: an unknown
+    model_type gets the closest names, a key the class does not know (a typo would otherwise be stored
+    on the config and ignored, training the default size) gets a did-you-mean."""
+    import difflib
+    import inspect
+
+    from transformers import CONFIG_MAPPING
+
+    model_type = str(config["model_type"])
+    if model_type not in CONFIG_MAPPING:
+        close = difflib.get_close_matches(model_type, list(CONFIG_MAPPING.keys()), n=3, cutoff=0.6)
+        return [f"config.model_type: '{model_type}' is not a transformers model type"
+                + (f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "; e.g. llama, gpt2, mistral, qwen2, bert")]
+    cls = CONFIG_MAPPING[model_type]
+    known = set(cls().to_dict()) | set(getattr(cls, "attribute_map", {}))
+    for klass in cls.__mro__:
+        if "__init__" in vars(klass):
+            known |= set(inspect.signature(klass.__init__).parameters) - {"self", "kwargs"}
+    out = []
+    for key in config:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            out.append(f"config.{key}: not a {cls.__name__} key" + (f"; did you mean '{close[0]}'?" if close else "")
+                       + " (a misspelt key would be ignored)")
+    return out
+
+
 def _looks_local(name: str) -> bool:
     """A hub id is `name` or `org/name`; anything else (./x, /x, a/b/c, ~) is a local path."""
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
 
 
-def _torch_dtype(name: str):
+def torch_dtype(name: str):
+    """Recipe dtype name -> torch dtype ('auto' passes through to transformers)."""
     import torch
 
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}[name]
+
+
+def _load_kwargs(cfg: ModelConfig, dtype: str | None = None) -> dict[str, Any]:
+    """What every from_pretrained/from_config call of a recipe's model passes."""
+    kw: dict[str, Any] = {"dtype": torch_dtype(dtype or cfg.dtype), "trust_remote_code": cfg.trust_remote_code}
+    if cfg.attn_implementation:
+        kw["attn_implementation"] = cfg.attn_implementation
+    return kw
+
+
+def _fit_vocab(model, tokenizer) -> None:
+    if tokenizer is not None and model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
 
 
 def build_model_config(cfg: ModelConfig, vocab_size: int | None = None, **overrides: Any):
@@ -91,9 +143,7 @@ def load_causal_lm(cfg: ModelConfig, tokenizer=None, **config_overrides: Any):
     """A causal LM: fresh from ``cfg.config`` (seeded by the caller) or pretrained from ``name_or_path``."""
     from transformers import AutoModelForCausalLM
 
-    extra = {}
-    if cfg.attn_implementation:
-        extra["attn_implementation"] = cfg.attn_implementation
+    kw = _load_kwargs(cfg)
     vocab = len(tokenizer) if tokenizer is not None else None
     if cfg.config:
         hf_config = build_model_config(cfg, vocab_size=vocab, **config_overrides)
@@ -101,21 +151,116 @@ def load_causal_lm(cfg: ModelConfig, tokenizer=None, **config_overrides: Any):
             for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
                 if getattr(tokenizer, attr, None) is not None and attr not in cfg.config:
                     setattr(hf_config, attr, getattr(tokenizer, attr))
-        model = AutoModelForCausalLM.from_config(
-            hf_config, trust_remote_code=cfg.trust_remote_code, dtype=_torch_dtype(cfg.dtype), **extra
-        )
+        model = AutoModelForCausalLM.from_config(hf_config, **kw)
     else:
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, dtype=_torch_dtype(cfg.dtype),
-                **config_overrides, **extra,
-            )
+            model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **config_overrides, **kw)
         except OSError as e:
             raise UserError(f"model.name_or_path: cannot load '{cfg.name_or_path}' ({str(e).splitlines()[0]})") from None
-    if vocab is not None and model.get_input_embeddings().num_embeddings < vocab:
-        model.resize_token_embeddings(vocab)
+    _fit_vocab(model, tokenizer)
     return model
 
+
+def load_masked_lm(cfg: ModelConfig, tokenizer=None, **config_overrides: Any):
+    """A masked LM (``AutoModelForMaskedLM``): fresh from ``model.config`` or loaded from ``model.name_or_path``."""
+    from transformers import AutoModelForMaskedLM
+
+    kw = _load_kwargs(cfg)
+    vocab = len(tokenizer) if tokenizer is not None else None
+    try:
+        if cfg.config:
+            hf_config = build_model_config(cfg, vocab_size=vocab, **config_overrides)
+            if tokenizer is not None and "pad_token_id" not in cfg.config:
+                hf_config.pad_token_id = tokenizer.pad_token_id
+            model = AutoModelForMaskedLM.from_config(hf_config, **kw)
+        else:
+            model = AutoModelForMaskedLM.from_pretrained(cfg.name_or_path, **config_overrides, **kw)
+    except ValueError as e:
+        if "Unrecognized configuration class" in str(e):
+            raise UserError("train.objective mlm: this model type has no masked-LM head; use an encoder config "
+                            "(model_type: bert, roberta, ...)") from None
+        raise
+    _fit_vocab(model, tokenizer)
+    return model
+
+
+def bnb_4bit_config(quant_type: str = "nf4", double_quant: bool = True, compute_dtype: str = "float32"):
+    """transformers' ``BitsAndBytesConfig`` for a frozen 4-bit base (QLoRA); one-line error without bitsandbytes."""
+    import torch
+
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError:
+        raise UserError("peft.method: qlora needs bitsandbytes; install lmforge[qlora] (pip install -e \".[qlora]\")") from None
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
+                              bnb_4bit_compute_dtype=getattr(torch, compute_dtype))
+
+
+def load_pretrained(cfg: ModelConfig, tokenizer, *, task: str = "causal_lm", label_names: list[str] | None = None,
+                    quantization_config=None, device=None, dtype: str | None = None):
+    """A pretrained base from ``model.name_or_path``: a causal LM, or (``task='classification'``) a
+    sequence classifier with a fresh head for ``label_names``; 4-bit when ``quantization_config`` is given."""
+    import logging
+
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    kw = _load_kwargs(cfg, dtype)
+    if quantization_config is not None:
+        kw["quantization_config"] = quantization_config
+        kw["device_map"] = {"": device if device is not None else "cpu"}
+    if task == "classification":
+        cls = AutoModelForSequenceClassification
+        kw.update(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
+                  label2id={n: i for i, n in enumerate(label_names)}, pad_token_id=tokenizer.pad_token_id)
+    else:
+        cls = AutoModelForCausalLM
+    try:
+        model = cls.from_pretrained(cfg.name_or_path, **kw)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model.name_or_path: cannot load '{cfg.name_or_path}' as a {cls.__name__.removeprefix('AutoModelFor')} "
+                        f"model ({str(e).splitlines()[0]})") from None
+    if quantization_config is not None:
+        keep_4bit_weights_as_stored(model)  # the frozen base stays bitwise what was loaded, on every CPU
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        logging.getLogger("lmforge").warning(
+            "tokenizer has %d tokens, the model %d: resizing the embeddings (new rows start untrained)",
+            len(tokenizer), model.get_input_embeddings().num_embeddings)
+        model.resize_token_embeddings(len(tokenizer))
+    if task == "classification":
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def load_for_generation(model_dir: str | Path, base: str | None = None, dtype: str = "float32"):
+    """(model, tokenizer) from a model folder or an adapter folder (+ the base it names, or ``base``), in eval mode."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise UserError(f"MODEL_DIR: '{path}' does not exist; give a model or adapter folder (e.g. outputs/tiny/finetune_lora/final)")
+    kw = {"dtype": torch_dtype(dtype)}
+    adapter_cfg = path / "adapter_config.json"
+    if adapter_cfg.is_file():
+        from peft import PeftModel
+
+        import lmforge.peft  # noqa: F401  (registers bottleneck adapters)
+
+        base = base or json.loads(adapter_cfg.read_text()).get("base_model_name_or_path")
+        if not base or not Path(base).exists() and base.startswith((".", "/")):
+            raise UserError(f"--base: the adapter names base model '{base}', which is not there; pass --base PATH")
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, **kw), str(path))
+    elif (path / "config.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kw)
+    else:
+        raise UserError(f"MODEL_DIR: '{path}' holds neither a model (config.json) nor an adapter (adapter_config.json)")
+    tok_dir = path if (path / "tokenizer_config.json").is_file() else Path(base or path)
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer
 
 def keep_4bit_weights_as_stored(model) -> int:
     """Turn off bitsandbytes' CPU repacking of 4-bit weights; returns how many layers it touched.

@@ -19,14 +19,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from lmforge.config import UserError, help_field
+from lmforge.config import UserError, help_field, only_for
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +79,7 @@ class ScheduleConfig:
             out.append("warmup_ratio: must be in [0, 1)")
         if self.min_lr < 0:
             out.append("min_lr: must be >= 0")
-        defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                    for f in dataclasses.fields(ScheduleConfig)}
-        for key, users in _ONLY_FOR.items():
-            if self.name not in users and getattr(self, key) != defaults[key]:
-                out.append(f"{key}: only read by schedule {' / '.join(users)}, not '{self.name}'; remove it")
+        out += only_for(self, self.name, _ONLY_FOR, "schedule")
         has_warmup = bool(self.warmup_steps) or bool(self.warmup_ratio)
         if self.name in _NO_WARMUP and has_warmup:
             fix = "use name: constant_with_warmup" if self.name == "constant" else "one_cycle warms up for pct_start of the steps"
@@ -262,74 +256,3 @@ def key_points(cfg: ScheduleConfig, max_steps: int) -> list[tuple[str, int]]:
         pts.append(("warmup end", W))
     pts += [("mid-decay", W + (T - W) // 2), ("last step", T - 1)]
     return pts
-
-
-# ---------------------------------------------------------------------------------------------
-# `lmforge schedule RECIPE.yaml [key=value ...] [--out PNG]`
-
-
-def cli(argv: list[str]) -> int:
-    """Print a recipe's schedule at its key points and draw the curve, without training."""
-    from lmforge.cli import STAGES, _import_stage
-    from lmforge.config import load, read_yaml
-
-    if not argv or argv[0] in ("-h", "--help"):
-        print("usage: lmforge schedule RECIPE.yaml [key.path=value ...] [--out schedule.png]\n"
-              "Prints the learning rate at the key steps and writes a PNG of the whole curve.")
-        return 0 if argv else 2
-    out_png = None
-    if "--out" in argv:
-        i = argv.index("--out")
-        if i + 1 >= len(argv):
-            raise UserError("--out: give a PNG path")
-        out_png = argv[i + 1]
-        argv = argv[:i] + argv[i + 2:]
-    recipe, overrides = argv[0], argv[1:]
-    stage = read_yaml(recipe).get("stage")
-    if stage not in STAGES:
-        raise UserError(f"{recipe}: stage: {stage!r} is not a training stage with a schedule")
-    cfg = load(_import_stage(stage).Config, recipe, overrides)
-    if not hasattr(cfg, "schedule"):
-        raise UserError(f"{recipe}: the {stage} stage has no schedule")
-    model_config = None
-    if cfg.schedule.name == "noam" and cfg.schedule.d_model is None:
-        from lmforge.models import build_model_config
-
-        model_config = build_model_config(cfg.model)
-    T, peak = cfg.train.max_steps, cfg.optim.learning_rate
-    lr_at = make_schedule(cfg.schedule, peak, T, model_config)
-    lrs = [lr_at(s) for s in range(T)]
-    print(f"schedule '{cfg.schedule.name}' over {T} steps, warmup {cfg.schedule.warmup(T)}, optim.learning_rate {peak:g}")
-    print(" ".join((lr_at.__doc__ or "").split()))
-    for label, s in key_points(cfg.schedule, T):
-        print(f"  {label:<11} step {s:>7}  lr {lr_at(s):.6g}")
-    top = max(range(T), key=lrs.__getitem__)
-    print(f"  {'max':<11} step {top:>7}  lr {lrs[top]:.6g}")
-    path = Path(out_png or Path("outputs") / "schedules" / f"{Path(recipe).stem}.png")
-    plot_schedule(lrs, path, title=f"{Path(recipe).name}: {cfg.schedule.name}")
-    print(f"  plot: {path}")
-    return 0
-
-
-def plot_schedule(lrs: list[float], path: Path, title: str = "") -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.plot(range(len(lrs)), lrs, color="tab:green")
-    ax.set_xlabel("step")
-    ax.set_ylabel("learning rate")
-    ax.grid(alpha=0.3)
-    ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-if __name__ == "__main__":
-    sys.exit(cli(sys.argv[1:]))

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 from lmforge.config import RunConfig, UserError, dump, help_field, nested, to_dict
-from lmforge.data.clean import (
+from lmforge.pipeline.clean import (
     FiltersConfig,
     LengthProbe,
     NormalizeConfig,
@@ -33,10 +33,10 @@ from lmforge.data.clean import (
     PIIScrubber,
     build_filters,
 )
-from lmforge.data.dedup import DedupClusters, DedupConfig, DedupKeys
-from lmforge.data.publish import PackConfig, Publish
-from lmforge.data.readers import LocalReader, SourceConfig, StepAbort, aborts_in_process, expand_sources
-from lmforge.data.tokenizer import TokenizerConfig
+from lmforge.pipeline.dedup import DedupClusters, DedupConfig, DedupKeys
+from lmforge.pipeline.publish import PackConfig, Publish
+from lmforge.pipeline.readers import LocalReader, SourceConfig, StepAbort, aborts_in_process, expand_sources
+from lmforge.pipeline.tokenizer import TokenizerConfig
 
 
 @dataclasses.dataclass

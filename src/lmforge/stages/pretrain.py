@@ -13,12 +13,13 @@ import dataclasses
 from typing import ClassVar
 
 from lmforge.config import nested
-from lmforge.data.lm import LMDataConfig, build_lm_datasets
-from lmforge.data.mlm import ensure_mask_token, load_masked_lm
-from lmforge.models import ModelConfig, build_model_config, load_causal_lm, load_tokenizer
+from lmforge.datasets.lm import LMDataConfig, build_lm_datasets
+from lmforge.datasets.mlm import ensure_mask_token
+from lmforge.models import ModelConfig, build_model_config, load_causal_lm, load_masked_lm, load_tokenizer
 from lmforge.train import loop
-from lmforge.train.regularize import dropout_overrides, objective_kwargs
+from lmforge.train.regularize import dropout_overrides
 from lmforge.train.settings import TrainingRecipe
+from lmforge.train.tasks import pretrain_task
 
 
 @dataclasses.dataclass
@@ -44,9 +45,9 @@ def main(cfg: Config) -> loop.RunResult:
     load_model = load_masked_lm if cfg.train.objective == "mlm" else load_causal_lm
     model = load_model(cfg.model, tokenizer, **dropout)
 
-    # ---- train (objective_kwargs: MLM masking, label smoothing, length curriculum; {} for plain causal LM) ----
-    result = loop.run(acc, cfg, model, train_ds, val_ds, tokenizer=tokenizer, seq_len=cfg.data.block_size,
-                      **objective_kwargs(cfg, tokenizer, train_ds, acc.process_index, acc.num_processes))
+    # ---- train: the task is the objective (causal or masked LM, label smoothing); batches: MLM masks, curriculum ----
+    task, batches = pretrain_task(cfg, tokenizer, train_ds, acc.process_index, acc.num_processes)
+    result = loop.run(acc, cfg, model, task, train_ds, val_ds, tokenizer=tokenizer, batches=batches)
     if acc.is_main_process:
         print(f"\npretrain done: {result.step} steps, train loss {result.train_loss:.4f}"
               + (f", eval loss {result.eval['loss']:.4f} (ppl {result.eval['perplexity']:.2f})" if result.eval else ""))

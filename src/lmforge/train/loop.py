@@ -1,21 +1,21 @@
-"""The one training loop every training stage shares (pretrain, finetune, distill).
+"""The one training loop every training stage shares (pretrain, finetune, distill, QAT).
 
-A stage builds its model, datasets, collate function and loss, then calls :func:`run`. The loop
-knows nothing about hardware: ``accelerate`` decides devices, precision and the distributed layout
-(DDP, DeepSpeed ZeRO, FSDP) from the accelerate config the job was launched with.
+A stage builds its model, datasets and :class:`~lmforge.train.tasks.Task`, then calls :func:`run`. The
+loop knows nothing about hardware: ``accelerate`` decides devices, precision and the distributed
+layout (DDP, DeepSpeed ZeRO, FSDP) from the accelerate config the job was launched with.
 
     acc = setup(cfg)                        # Accelerator, seed, output_dir guard, logging
-    ... build model / data on `acc` ...
-    result = run(acc, cfg, model, train_ds, val_ds, collate=..., loss_fn=...)
+    ... build model / data / task on `acc` ...
+    result = run(acc, cfg, model, task, train_ds, val_ds)
 
 ``cfg`` is a stage recipe built on ``train.settings.TrainingRecipe``: the groups ``optim``,
 ``schedule``, ``train``, ``eval``, ``checkpoint``, ``log`` and the top-level keys ``output_dir``,
 ``seed``, ``resume``, ``overwrite``.
 
-Loss normalisation: a stage's ``loss_fn(model, batch)`` returns the *sum* of per-token losses and
-the token count. The loop divides by the number of loss tokens in the whole accumulated global
-batch (all micro-batches of all ranks), so gradient accumulation and data parallelism give the
-same gradient as one big batch — not a mean of per-micro-batch means.
+Loss normalisation: ``task.loss(model, batch)`` returns the *sum* of per-token losses and the token
+count. The loop divides by the number of loss tokens in the whole accumulated global batch (all
+micro-batches of all ranks), so gradient accumulation and data parallelism give the same gradient
+as one big batch — not a mean of per-micro-batch means.
 """
 
 from __future__ import annotations
@@ -23,108 +23,32 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from lmforge.config import UserError, dump, to_dict
+from lmforge.datasets.batching import RankBatches
 from lmforge.optim.optimizers import build_optimizer
 from lmforge.optim.param_groups import build_param_groups
 from lmforge.optim.schedules import apply_lr, make_schedule
 from lmforge.train import checkpoint
 from lmforge.train.accel import full_numel, is_deepspeed, is_sharded, layout_info, make_accelerator
 from lmforge.train.ema import EMA
+from lmforge.train.evaluate import evaluate
 from lmforge.train.flops import flops_per_token, model_dims, peak_flops
 from lmforge.train.metrics import MetricsLog, available_trackers, flat_config
 from lmforge.train.plots import plot_training
 from lmforge.train.regularize import check_finite, early_stop
+from lmforge.train.save import save_model
+from lmforge.train.tasks import Task
 
 log = logging.getLogger("lmforge")
 
-Batch = dict[str, torch.Tensor]
-LossFn = Callable[[torch.nn.Module, Batch], dict[str, torch.Tensor]]
-
-
-# ---------------------------------------------------------------------------------------------
-# Losses and batches for causal language modelling (the default task)
-
-
-def causal_lm_loss(model: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
-    """Next-token cross-entropy, summed: {'loss_sum', 'n_tokens', 'n_correct'} (labels -100 ignored).
-
-    The labels are shifted left and padded with -100 instead of slicing the logits, so the
-    (batch, seq, vocab) logits are never copied; accuracy (an argmax over the vocabulary) is only
-    computed in eval mode, where it is reported."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs).logits  # (batch, seq, vocab)
-    labels = F.pad(batch["labels"][:, 1:], (0, 1), value=-100)  # (batch, seq): the next token, -100 at the end
-    flat = logits.reshape(-1, logits.size(-1))
-    loss_sum = F.cross_entropy(flat.float(), labels.reshape(-1), ignore_index=-100, reduction="sum")
-    mask = labels != -100
-    out = {"loss_sum": loss_sum, "n_tokens": mask.sum()}
-    if not model.training:
-        out["n_correct"] = ((logits.argmax(-1) == labels) & mask).sum()
-    return out
-
-
-def count_causal_tokens(batch: Batch) -> torch.Tensor:
-    """Loss tokens of a causal-LM batch: labels after the one-position shift that are not -100."""
-    return (batch["labels"][:, 1:] != -100).sum()
-
-
-def collate_blocks(examples: list[dict]) -> Batch:
-    """Packed blocks of equal length -> input_ids and labels (a copy: the model shifts nothing)."""
-    ids = torch.stack([torch.as_tensor(e["input_ids"]) for e in examples])  # (batch, block_size)
-    return {"input_ids": ids, "labels": ids.clone()}
-
-
-class RankBatches:
-    """Deterministic micro-batches for this rank, addressable by their global index ``k``.
-
-    Written by hand instead of a DataLoader + ``skip_first_batches`` so that resuming is exact and
-    free: micro-batch ``k`` is a pure function of (seed, k, rank), so a run resumed at step s just
-    asks for ``k = s * gradient_accumulation_steps`` onwards. Each epoch is a fresh permutation
-    (seeded by seed + epoch); a global batch is split across ranks; the last partial batch of an
-    epoch is dropped so every rank always has the same number of batches.
-    """
-
-    def __init__(self, dataset, batch_size: int, collate: Callable[[list[dict]], Batch], seed: int,
-                 rank: int, world: int, shuffle: bool = True):
-        self.dataset, self.bs, self.collate = dataset, batch_size, collate
-        self.seed, self.rank, self.world, self.shuffle = seed, rank, world, shuffle
-        self.per_epoch = len(dataset) // (batch_size * world)
-        if self.per_epoch == 0:
-            raise UserError(
-                f"data: {len(dataset)} training examples are fewer than one global batch "
-                f"({batch_size} per device x {world} processes); add data or lower train.per_device_train_batch_size"
-            )
-        self._perm_epoch, self._perm = -1, None
-
-    def indices(self, k: int) -> list[int]:
-        epoch, j = divmod(k, self.per_epoch)
-        if epoch != self._perm_epoch:
-            n = len(self.dataset)
-            self._perm = (np.random.default_rng(self.seed + epoch).permutation(n) if self.shuffle else np.arange(n))
-            self._perm_epoch = epoch
-        start = (j * self.world + self.rank) * self.bs
-        return self._perm[start:start + self.bs].tolist()
-
-    def get(self, k: int) -> Batch:
-        return self.collate(rows_of(self.dataset, self.indices(k)))
-
-
-def rows_of(dataset, idx: list[int]) -> list[dict]:
-    """``dataset[idx]`` (a dict of columns) as a list of row dicts."""
-    cols = dataset[idx]
-    return [dict(zip(cols, values)) for values in zip(*cols.values())]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,41 +93,6 @@ def setup(cfg) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
-# Evaluation
-
-
-@torch.no_grad()
-def evaluate(acc, model, dataset, collate, loss_fn: LossFn, batch_size: int, max_batches: int | None = None) -> dict[str, float]:
-    """Token-weighted loss, perplexity and next-token accuracy over the validation set (all ranks).
-
-    Each rank takes a strided shard; shards are padded to equal length with uncounted rows so that
-    every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively)."""
-    was_training = model.training
-    model.eval()
-    n, world, rank = len(dataset), acc.num_processes, acc.process_index
-    per_rank = math.ceil(n / world)
-    n_batches = math.ceil(per_rank / batch_size)
-    if max_batches is not None:
-        n_batches = min(n_batches, max_batches)
-    sums = torch.zeros(3, dtype=torch.float64, device=acc.device)  # loss, tokens, correct
-    for b in range(n_batches):
-        slots = [rank + world * (b * batch_size + i) for i in range(batch_size)]
-        idx = [s for s in slots if s < n] or [0]
-        counted = any(s < n for s in slots)
-        batch = {k: v.to(acc.device) for k, v in collate(rows_of(dataset, idx)).items()}
-        out = loss_fn(model, batch)
-        if counted:
-            sums += torch.stack([out["loss_sum"].double(), out["n_tokens"].double(),
-                                 out.get("n_correct", torch.zeros(())).double().to(acc.device)])
-    sums = acc.reduce(sums, reduction="sum")
-    if was_training:
-        model.train()
-    loss_sum, tokens, correct = sums.tolist()
-    loss = loss_sum / max(tokens, 1.0)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": correct / max(tokens, 1.0), "tokens": tokens}
-
-
-# ---------------------------------------------------------------------------------------------
 # The loop
 
 
@@ -226,22 +115,20 @@ def _param_digest(model: torch.nn.Module) -> str:
 
 
 def run(
-    acc, cfg, model: torch.nn.Module, train_data, eval_data=None, *,
-    collate: Callable[[list[dict]], Batch] = collate_blocks,
-    loss_fn: LossFn = causal_lm_loss,
-    count_tokens: Callable[[Batch], torch.Tensor] = count_causal_tokens,
+    acc, cfg, model: torch.nn.Module, task: Task, train_data, eval_data=None, *,
     tokenizer=None,
     param_groups: list[dict] | None = None,
-    seq_len: int | None = None,
-    save_final: bool = True,
     batches: Any = None,
+    save_final: bool = True,
+    extra_files: dict[str, str] | None = None,
     end_training: bool = True,
 ) -> RunResult:
-    """Train ``model`` to ``cfg.train.max_steps`` (or ``stop_at_step``), evaluating, checkpointing and
-    logging on the way; save ``output_dir/final`` at the end. ``batches`` may replace the default
-    :class:`RankBatches` with any object whose ``get(k)`` returns this rank's k-th micro-batch
-    (deterministic in k, so resume stays exact). ``end_training=False`` keeps the trackers and the
-    process group alive for a stage that still has collective work to do after training."""
+    """Train ``model`` on ``task`` to ``cfg.train.max_steps`` (or ``stop_at_step``), evaluating,
+    checkpointing and logging on the way; save ``output_dir/final`` (a PeftModel: its adapter alone)
+    when the run completes or stops early. ``batches`` may replace the default
+    :class:`~lmforge.datasets.batching.RankBatches` with any object whose ``get(k)`` returns this
+    rank's k-th micro-batch (deterministic in k, so resume stays exact). ``end_training=False`` keeps
+    the trackers and the process group alive for a stage that still has collective work to do."""
     out = Path(cfg.output_dir)
     ckpt_root = out / "checkpoints"
     tc, T, gas = cfg.train, cfg.train.max_steps, cfg.train.gradient_accumulation_steps
@@ -262,7 +149,7 @@ def run(
     lr_at = make_schedule(cfg.schedule, cfg.optim.learning_rate, T, model_config=hf_config)
     ema = EMA.maybe(tc.ema, acc, model)  # registered for checkpointing before resume, so resume restores it
     if batches is None:
-        batches = RankBatches(train_data, tc.per_device_train_batch_size, collate, cfg.seed, acc.process_index,
+        batches = RankBatches(train_data, tc.per_device_train_batch_size, task.collate, cfg.seed, acc.process_index,
                               acc.num_processes)
 
     # 2) resume -----------------------------------------------------------------------------------
@@ -286,8 +173,7 @@ def run(
     emb = unwrapped.get_input_embeddings() if hasattr(unwrapped, "get_input_embeddings") else None
     n_emb = full_numel(emb.weight) if emb is not None else 0
     layers, hidden = model_dims(hf_config) if hf_config is not None else (0, 0)
-    if seq_len is None:
-        seq_len = len(train_data[0]["input_ids"]) if "input_ids" in train_data.column_names else 0
+    seq_len = task.seq_len or (len(train_data[0]["input_ids"]) if "input_ids" in train_data.column_names else 0)
     fpt = flops_per_token(n_params - n_emb, layers, hidden, seq_len)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision, torch.float32)
     peak = tc.peak_flops or peak_flops(acc.device, dtype)
@@ -302,7 +188,7 @@ def run(
     model.train()
     first_loss = last_loss = None
     window_loss = torch.zeros((), dtype=torch.float64, device=acc.device)
-    window_tokens, window_input_tokens, window_time = 0.0, 0, 0.0
+    window_tokens, window_input_tokens, window_time = 0.0, 0.0, 0.0
     last_eval: dict[str, float] = {}
     eval_every, save_every = cfg.eval.eval_every, cfg.checkpoint.save_every
 
@@ -313,15 +199,18 @@ def run(
         apply_lr(optimizer, lr)  # each group: lr * its lr_scale (layer-wise decay, per-module multipliers)
         micro = [batches.get(state["micro_batches"] + i) for i in range(gas)]
         micro = [{k: v.to(acc.device) for k, v in b.items()} for b in micro]
-        local_tokens = torch.stack([count_tokens(b) for b in micro]).sum().to(acc.device, torch.float64)
-        global_tokens = acc.reduce(local_tokens, reduction="sum").clamp_min(1.0)
+        # loss tokens (the normaliser), real input tokens and padded input positions, summed over ranks at once
+        local = torch.tensor([[float(task.count_tokens(b)), float(task.input_tokens(b)), float(b["input_ids"].numel())]
+                              for b in micro], dtype=torch.float64).sum(0).to(acc.device)
+        global_tokens, input_tokens, padded_tokens = acc.reduce(local, reduction="sum").unbind()
+        global_tokens = global_tokens.clamp_min(1.0)
         # accelerate divides by gas and DDP/DeepSpeed average over ranks: undo both so the gradient
         # is (sum of token losses over the global batch) / (its token count).
         scale = acc.num_processes * gas / global_tokens
         step_loss = torch.zeros((), dtype=torch.float64, device=acc.device)
         for b in micro:
             with acc.accumulate(model):
-                res = loss_fn(model, b)
+                res = task.loss(model, b)
                 acc.backward(res["loss_sum"] * scale.to(res["loss_sum"].dtype))
                 step_loss += res["loss_sum"].detach().double()
         check_finite(acc, step_loss, step + 1, ckpt_root)  # NaN/inf: stop before stepping or saving
@@ -335,8 +224,9 @@ def run(
         state["micro_batches"] += gas
         if ema is not None:
             ema.update(acc.unwrap_model(model), state["step"])
-        input_tokens = seq_len * tc.per_device_train_batch_size * gas * acc.num_processes
+        input_tokens = float(input_tokens)
         state["tokens_seen"] += input_tokens
+        state["padded_tokens_seen"] = state.get("padded_tokens_seen", 0.0) + float(padded_tokens)
         window_loss += step_loss
         window_tokens += float(global_tokens)
         window_input_tokens += input_tokens
@@ -354,11 +244,11 @@ def run(
             first_loss = loss if first_loss is None else first_loss
             last_loss = loss
             window_loss.zero_()
-            window_tokens, window_input_tokens, window_time = 0.0, 0, 0.0
+            window_tokens, window_input_tokens, window_time = 0.0, 0.0, 0.0
 
         if eval_data is not None and ((eval_every and step % eval_every == 0) or step == T):
             with EMA.eval_weights(ema, acc, model):  # the averaged weights when train.ema.use_for_eval
-                last_eval = evaluate(acc, model, eval_data, collate, loss_fn, cfg.eval.per_device_eval_batch_size,
+                last_eval = evaluate(acc, model, eval_data, task, cfg.eval.per_device_eval_batch_size,
                                      cfg.eval.max_eval_batches)
             metrics.write(step, "eval", last_eval)
             if state["best_eval_loss"] is None or last_eval["loss"] < state["best_eval_loss"]:
@@ -375,10 +265,10 @@ def run(
     # 5) final model, plots, summary ------------------------------------------------------------------
     final_dir = None
     if save_final and (state["step"] >= T or state.get("stopped_early")):
-        final_dir = save_model(acc, model, out / "final", tokenizer=tokenizer, recipe=cfg)
+        final_dir = save_model(acc, model, out / "final", tokenizer=tokenizer, recipe=cfg, extra_files=extra_files)
         if ema is not None:
             with ema.swapped_in(acc.unwrap_model(model)):
-                save_model(acc, model, out / "final_ema", tokenizer=tokenizer, recipe=cfg)
+                save_model(acc, model, out / "final_ema", tokenizer=tokenizer, recipe=cfg, extra_files=extra_files)
     # One digest per rank: under DDP/ZeRO-1/2 every rank must hold bitwise-identical parameters.
     digests = (gather_object([_param_digest(acc.unwrap_model(model))])
                if acc.num_processes > 1 and not is_sharded(acc) else None)
@@ -392,6 +282,8 @@ def run(
             "model_wrapper": type(model).__name__, "mixed_precision": acc.mixed_precision, **layout_info(acc),
             "param_digest_per_rank": digests, "final_dir": str(final_dir) if final_dir else None,
             "stopped_early": bool(state.get("stopped_early")),
+            # real input tokens over padded positions (1.0 for packed blocks; SFT batches pad to the longest row)
+            "padding_efficiency": (state["tokens_seen"] / state["padded_tokens_seen"]) if state.get("padded_tokens_seen") else None,
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         (out / "report.md").write_text(_report(out, summary))
@@ -416,30 +308,3 @@ def _report(out: Path, s: dict) -> str:
             "![loss and learning rate](training_curves.png)\n\nEvery logged value: `metrics.jsonl`; the resolved recipe: "
             "`recipe.yaml`; machine-readable summary: `summary.json`.\n")
 
-
-def save_model(acc, model, path: Path, tokenizer=None, recipe=None) -> Path:
-    """``save_pretrained`` (safetensors) of the unwrapped model, consolidated from shards under
-    ZeRO-3/FSDP; plus the tokenizer and the resolved recipe. Collective: call on every rank.
-    A PeftModel saves its adapter alone, gathering only the trainable parameters under ZeRO-3
-    (a plain ``save_pretrained`` there writes empty adapters)."""
-    if hasattr(acc.unwrap_model(model), "peft_config"):
-        from lmforge.peft.save import save_adapter
-
-        return save_adapter(acc, model, path, tokenizer, recipe)
-    acc.wait_for_everyone()
-    state_dict = acc.get_state_dict(model)  # gathers ZeRO-3 / FSDP shards
-    unwrapped = acc.unwrap_model(model)
-    if acc.is_main_process:
-        tmp = path.with_name(path.name + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if recipe is not None:
-            dump(recipe, tmp / "recipe.yaml")
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-    acc.wait_for_everyone()
-    return path

@@ -1,7 +1,5 @@
 """Regularisation and training-health pieces the loop and the stages plug in (recipe group ``train``):
 
-- label smoothing (``train.label_smoothing``) in the token losses, training mode only: validation
-  reports the plain cross-entropy, so perplexities stay comparable across runs;
 - dropout knobs (``train.dropout``) mapped onto the architecture's config attribute names;
 - a sequence-length curriculum (``train.curriculum``) that re-cuts each packed micro-batch into
   shorter rows early in training (same tokens per step);
@@ -16,58 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from lmforge.config import UserError, help_field
 
 log = logging.getLogger("lmforge")
 Batch = dict[str, torch.Tensor]
-
-
-# ---------------------------------------------------------------------------------------------
-# Label-smoothed token losses (sums, as the loop wants them)
-
-
-def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
-    """Summed cross-entropy over positions whose label is not -100.
-
-    logits (..., vocab), labels (...). With smoothing ε the target is (1-ε)·one_hot + ε/V, so each
-    counted position contributes (1-ε)·(-log p_y) + ε·mean_k(-log p_k); ignored positions add nothing."""
-    logits = logits.float()
-    flat, target = logits.reshape(-1, logits.size(-1)), labels.reshape(-1)
-    loss_sum = F.cross_entropy(flat, target, ignore_index=-100, reduction="sum", label_smoothing=label_smoothing)
-    mask = labels != -100
-    with torch.no_grad():
-        correct = ((logits.argmax(-1) == labels) & mask).sum()
-    return {"loss_sum": loss_sum, "n_tokens": mask.sum(), "n_correct": correct}
-
-
-def causal_lm_loss_fn(label_smoothing: float = 0.0):
-    """Next-token loss (labels shifted by one); smoothing only while ``model.training``."""
-
-    def causal_lm_loss(model: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        logits = model(**inputs).logits  # (batch, seq, vocab)
-        eps = label_smoothing if model.training else 0.0
-        return token_cross_entropy(logits[:, :-1], batch["labels"][:, 1:], eps)
-
-    return causal_lm_loss
-
-
-def masked_lm_loss_fn(label_smoothing: float = 0.0):
-    """Masked-LM loss: labels are -100 except at the masked positions (no shift)."""
-
-    def masked_lm_loss(model: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        logits = model(**inputs).logits  # (batch, seq, vocab)
-        eps = label_smoothing if model.training else 0.0
-        return token_cross_entropy(logits, batch["labels"], eps)
-
-    return masked_lm_loss
-
-
-def count_masked_tokens(batch: Batch) -> torch.Tensor:
-    return (batch["labels"] != -100).sum()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,34 +182,3 @@ def check_finite(acc, step_loss: torch.Tensor, step: int, ckpt_root: Path) -> No
     raise Diverged(f"training diverged: the loss became NaN/inf at step {step}; stopped before updating or saving; "
                    f"{where}. Lower optim.learning_rate, lengthen the warmup, set optim.max_grad_norm, or check the data")
 
-
-# ---------------------------------------------------------------------------------------------
-# What a stage passes to loop.run for the recipe's objective
-
-
-def objective_kwargs(cfg, tokenizer, train_data, rank: int = 0, world: int = 1) -> dict[str, Any]:
-    """``loop.run`` keyword arguments for ``train.objective``, ``train.label_smoothing`` and
-    ``train.curriculum``: loss_fn / count_tokens / collate (validation) / batches (training).
-    Empty for plain causal LM, so the loop's defaults apply."""
-    from lmforge.data.mlm import MLMMasker
-    from lmforge.train.loop import RankBatches, collate_blocks
-
-    tc = cfg.train
-    kw: dict[str, Any] = {}
-    if tc.label_smoothing:
-        kw["loss_fn"] = causal_lm_loss_fn(tc.label_smoothing)
-    batches = None
-    if tc.objective == "mlm":
-        masker = MLMMasker(tokenizer, tc.mlm_probability, cfg.seed)
-        base = RankBatches(train_data, tc.per_device_train_batch_size, collate_blocks, cfg.seed, rank, world)
-        batches = masker.train_batches(base, rank)
-        kw.update(loss_fn=masked_lm_loss_fn(tc.label_smoothing), count_tokens=count_masked_tokens,
-                  collate=masker.collate_eval)
-    if tc.curriculum.min_length is not None:
-        if batches is None:
-            batches = RankBatches(train_data, tc.per_device_train_batch_size, collate_blocks, cfg.seed,
-                                  rank, world)
-        batches = CurriculumBatches(batches, tc.curriculum, cfg.data.block_size, tc.gradient_accumulation_steps)
-    if batches is not None:
-        kw["batches"] = batches
-    return kw

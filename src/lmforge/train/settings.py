@@ -63,7 +63,12 @@ class EvalConfig:
     max_eval_batches: int | None = help_field(None, help="Cap on eval batches per device (null: the whole validation set).")
 
     def problems(self) -> list[str]:
-        return ["eval_every: must be >= 0"] if self.eval_every < 0 else []
+        out = ["eval_every: must be >= 0"] if self.eval_every < 0 else []
+        if self.per_device_eval_batch_size < 1:
+            out.append("per_device_eval_batch_size: must be >= 1")
+        if self.max_eval_batches is not None and self.max_eval_batches < 1:
+            out.append("max_eval_batches: must be >= 1, or null for the whole validation set")
+        return out
 
 
 @dataclasses.dataclass

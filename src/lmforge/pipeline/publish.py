@@ -21,10 +21,10 @@ from datatrove.pipeline.base import PipelineStep
 from tqdm.auto import tqdm
 
 from lmforge.config import UserError, help_field
-from lmforge.data.lm import blocks_dataset, pack_flat
-from lmforge.data.readers import user_errors_abort
-from lmforge.data.report import block_rows, markdown, plots, summed_stats
-from lmforge.data.tokenizer import TokenizerConfig, train_tokenizer
+from lmforge.datasets.lm import blocks_dataset, pack_flat
+from lmforge.pipeline.readers import user_errors_abort
+from lmforge.pipeline.report import block_rows, markdown, plots, summed_stats
+from lmforge.pipeline.tokenizer import TokenizerConfig, train_tokenizer
 
 
 @dataclasses.dataclass

@@ -24,7 +24,7 @@ from datatrove.data import DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 
 from lmforge.config import help_field
-from lmforge.data.minhash import MinHasher, cluster, optimal_param
+from lmforge.pipeline.minhash import MinHasher, cluster, optimal_param
 
 _WS = re.compile(r"\s+")
 

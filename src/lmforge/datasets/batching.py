@@ -1,34 +1,26 @@
-"""Batching helpers for fine-tuning data (variable-length examples): less padding, steady memory.
+"""Batch sources for training and the padding helpers under them.
 
-Three pieces, each usable alone with a plain ``torch.utils.data.DataLoader``::
+A batch source has ``get(k)``: this rank's k-th micro-batch, a pure function of (seed, k, rank), so a
+resumed run asks for ``k = step * gradient_accumulation_steps`` onwards and sees exactly the batches
+an uninterrupted run would (no DataLoader + ``skip_first_batches``):
 
-    from lmforge.data.batching import LengthGroupedSampler, TokenBudgetBatchSampler, PadCollator
+    RankBatches           a seeded permutation per epoch (pretrain blocks, fixed-size SFT batches)
+    LengthGroupedBatches  examples of similar length together (transformers' length grouping)
 
-    lengths = [len(x) for x in ds["input_ids"]]
-    collate = PadCollator(pad_token_id=tok.pad_token_id)               # pads to a multiple of 8
-
-    # (a) fixed batch size, examples of similar length batched together
-    DataLoader(ds, batch_size=16, sampler=LengthGroupedSampler(lengths, 16, seed=42), collate_fn=collate)
-
-    # (b) variable batch size, at most max_tokens (padded) tokens per batch
-    sampler = TokenBudgetBatchSampler(lengths, max_tokens=4096, seed=42, num_replicas=world, rank=rank)
-    DataLoader(ds, batch_sampler=sampler, collate_fn=collate)
-    for epoch in range(n): sampler.set_epoch(epoch); ...
-
-Both samplers are deterministic given ``seed`` and the epoch (``set_epoch``), so a resumed run sees the
-same order. Padding to a multiple of 8 lets tensor cores (and CPU GEMM kernels) use their fast paths;
-the token budget counts *padded* tokens (``n_examples * padded_max_len``), which is what memory sees.
+``PadCollator`` pads to a multiple of 8 (fast GEMM paths); ``token_budget_batches`` cuts examples
+into batches of at most N padded tokens; ``padding_fraction`` compares batchings.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Sampler
+
+from lmforge.config import UserError
 
 IGNORE_INDEX = -100  # labels with this value do not contribute to the loss (torch CrossEntropy default)
 
@@ -62,28 +54,6 @@ def length_grouped_indices(
         k = int(np.argmax(firsts))
         chunks[0][0], chunks[k][0] = chunks[k][0], chunks[0][0]
     return [int(i) for c in chunks for i in c]
-
-
-class LengthGroupedSampler(Sampler[int]):
-    """Yields example indices so that batches of ``batch_size`` hold similar lengths (see :func:`length_grouped_indices`)."""
-
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, mega_batch_mult: int = 50):
-        if batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
-        self.lengths = list(lengths)
-        self.batch_size = batch_size
-        self.seed = seed
-        self.mega_batch_mult = mega_batch_mult
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(length_grouped_indices(self.lengths, self.batch_size, self.seed, self.epoch, self.mega_batch_mult))
 
 
 def token_budget_batches(
@@ -130,57 +100,6 @@ def token_budget_batches(
     if shuffle:
         batches = [batches[i] for i in rng.permutation(len(batches))]
     return batches
-
-
-class TokenBudgetBatchSampler(Sampler[list[int]]):
-    """A ``batch_sampler`` yielding lists of indices with at most ``max_tokens`` padded tokens each.
-
-    Distributed: every rank builds the same batch list (same seed and epoch) and takes
-    ``batches[rank::num_replicas]`` after dropping the tail, so all ranks step the same number of times.
-    """
-
-    def __init__(
-        self,
-        lengths: Sequence[int],
-        max_tokens: int,
-        *,
-        pad_to_multiple_of: int = 8,
-        max_batch_size: int | None = None,
-        seed: int = 0,
-        shuffle: bool = True,
-        num_replicas: int = 1,
-        rank: int = 0,
-    ):
-        if max_tokens < 1:
-            raise ValueError("max_tokens must be >= 1")
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
-        self.lengths = list(lengths)
-        self.max_tokens = max_tokens
-        self.pad_to_multiple_of = pad_to_multiple_of
-        self.max_batch_size = max_batch_size
-        self.seed = seed
-        self.shuffle = shuffle
-        self.num_replicas = num_replicas
-        self.rank = rank
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _batches(self) -> list[list[int]]:
-        batches = token_budget_batches(
-            self.lengths, self.max_tokens, pad_to_multiple_of=self.pad_to_multiple_of,
-            max_batch_size=self.max_batch_size, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle,
-        )
-        usable = (len(batches) // self.num_replicas) * self.num_replicas
-        return batches[:usable][self.rank :: self.num_replicas]
-
-    def __len__(self) -> int:
-        return len(self._batches())
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return iter(self._batches())
 
 
 @dataclasses.dataclass
@@ -246,7 +165,74 @@ def padding_fraction(batches: list[list[int]], lengths: Sequence[int], pad_to_mu
     return 0.0 if padded == 0 else 1 - real / padded
 
 
-__all__ = [
-    "IGNORE_INDEX", "LengthGroupedSampler", "PadCollator", "TokenBudgetBatchSampler", "length_grouped_indices",
-    "padding_fraction", "round_up", "token_budget_batches",
-]
+def rows_of(dataset, idx: list[int]) -> list[dict]:
+    """``dataset[idx]`` (a dict of columns) as a list of row dicts."""
+    cols = dataset[idx]
+    return [dict(zip(cols, values)) for values in zip(*cols.values())]
+
+
+def _per_epoch(n: int, batch_size: int, world: int) -> int:
+    per_epoch = n // (batch_size * world)
+    if per_epoch == 0:
+        raise UserError(
+            f"data: {n} training examples are fewer than one global batch "
+            f"({batch_size} per device x {world} processes); add data or lower train.per_device_train_batch_size"
+        )
+    return per_epoch
+
+
+class RankBatches:
+    """Deterministic micro-batches for this rank, addressable by their global index ``k``.
+
+    Each epoch is a fresh permutation (seeded by seed + epoch); a global batch is split across ranks;
+    the last partial batch of an epoch is dropped so every rank always has the same number of batches."""
+
+    def __init__(self, dataset, batch_size: int, collate: Callable[[list[dict]], dict], seed: int,
+                 rank: int, world: int, shuffle: bool = True):
+        self.dataset, self.bs, self.collate = dataset, batch_size, collate
+        self.seed, self.rank, self.world, self.shuffle = seed, rank, world, shuffle
+        self.per_epoch = _per_epoch(len(dataset), batch_size, world)
+        self._perm_epoch, self._perm = -1, None
+
+    def indices(self, k: int) -> list[int]:
+        epoch, j = divmod(k, self.per_epoch)
+        if epoch != self._perm_epoch:
+            n = len(self.dataset)
+            self._perm = (np.random.default_rng(self.seed + epoch).permutation(n) if self.shuffle else np.arange(n))
+            self._perm_epoch = epoch
+        start = (j * self.world + self.rank) * self.bs
+        return self._perm[start:start + self.bs].tolist()
+
+    def get(self, k: int) -> dict[str, torch.Tensor]:
+        return self.collate(rows_of(self.dataset, self.indices(k)))
+
+
+class LengthGroupedBatches:
+    """This rank's k-th micro-batch, examples of similar length together (deterministic in k, so resume is exact).
+
+    Per epoch: a seeded length-grouped permutation (:func:`length_grouped_indices`) cut into global
+    batches of ``batch_size * world``, whose order is shuffled so that lengths vary over time; rank r
+    takes its slice of each global batch. The last partial global batch is dropped."""
+
+    def __init__(self, dataset, batch_size: int, collate: Callable[[list[dict]], dict], seed: int, rank: int, world: int):
+        self.dataset, self.bs, self.collate = dataset, batch_size, collate
+        self.seed, self.rank, self.world = seed, rank, world
+        self.lengths = [len(x) for x in dataset["input_ids"]]
+        self.per_epoch = _per_epoch(len(dataset), batch_size, world)
+        self._epoch, self._batches = -1, []
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        g = self.bs * self.world
+        order = length_grouped_indices(self.lengths, g, seed=self.seed, epoch=epoch)
+        batches = [order[i: i + g] for i in range(0, self.per_epoch * g, g)]
+        perm = np.random.default_rng([self.seed, epoch, 1]).permutation(len(batches))
+        return [batches[i] for i in perm]
+
+    def indices(self, k: int) -> list[int]:
+        epoch, j = divmod(k, self.per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._batches = epoch, self._epoch_batches(epoch)
+        return self._batches[j][self.rank * self.bs: (self.rank + 1) * self.bs]
+
+    def get(self, k: int) -> dict[str, torch.Tensor]:
+        return self.collate(rows_of(self.dataset, self.indices(k)))

@@ -12,42 +12,11 @@ formatted — or, with ``--chat``, rendered with the tokenizer's chat template a
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
 
 from lmforge.config import UserError
-
-
-def load_for_generation(model_dir: str | Path, base: str | None = None, dtype: str = "float32"):
-    """(model, tokenizer) from a model folder or an adapter folder, in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(model_dir)
-    if not path.is_dir():
-        raise UserError(f"MODEL_DIR: '{path}' does not exist; give a model or adapter folder (e.g. outputs/tiny/finetune_lora/final)")
-    torch_dtype = getattr(torch, dtype)
-    adapter_cfg = path / "adapter_config.json"
-    if adapter_cfg.is_file():
-        from peft import PeftModel
-
-        import lmforge.peft  # noqa: F401  (registers bottleneck adapters)
-
-        base = base or json.loads(adapter_cfg.read_text()).get("base_model_name_or_path")
-        if not base or not Path(base).exists() and base.startswith((".", "/")):
-            raise UserError(f"--base: the adapter names base model '{base}', which is not there; pass --base PATH")
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype)
-        model = PeftModel.from_pretrained(model, str(path))
-    elif (path / "config.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
-    else:
-        raise UserError(f"MODEL_DIR: '{path}' holds neither a model (config.json) nor an adapter (adapter_config.json)")
-    tok_dir = path if (path / "tokenizer_config.json").is_file() else Path(base or path)
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model.eval(), tokenizer
+from lmforge.models import load_for_generation
 
 
 @torch.no_grad()

@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lmforge.config import UserError, parse_override, read_yaml
+from lmforge.config import UserError, parse_override
 
 USAGE = __doc__
 
@@ -248,15 +248,12 @@ def cli(argv: list[str]) -> int:
     if args.get("help"):
         print(USAGE)
         return 0 if argv else 2
-    from lmforge.cli import STAGES, _import_stage
     from lmforge.config import load
+    from lmforge.recipe import import_stage, load_recipe
 
     recipe = args["recipe"]
-    stage = read_yaml(recipe).get("stage")
-    if stage not in STAGES:
-        raise UserError(f"{recipe}: stage: {stage!r} is not a stage")
-    module = _import_stage(stage)
-    base = load(module.Config, recipe, args["fixed"])  # fail fast on a bad recipe or fixed override
+    stage, base = load_recipe(recipe, args["fixed"])  # fail fast on a bad recipe or fixed override
+    module = import_stage(stage)  # fail fast on a bad recipe or fixed override
     for t in args["trials"]:  # ... and on a bad swept key or value, before any training
         _check_trial(load(module.Config, recipe, [*args["fixed"], *(f"{k}={v}" for k, v in t.items())]), t)
     sweep_dir = Path(args["out"] or f"{str(base.output_dir).rstrip('/')}_sweep")

@@ -90,28 +90,3 @@ class MLMBatches:
         ids = self.inner.get(k)["input_ids"]
         return self.masker._mask(ids, (self.masker.seed * 1_000_003 + k) * 1009 + self.rank)
 
-
-def load_masked_lm(cfg, tokenizer=None, **config_overrides):
-    """A masked LM (``AutoModelForMaskedLM``): fresh from ``model.config`` or loaded from ``model.name_or_path``."""
-    from transformers import AutoModelForMaskedLM
-
-    from lmforge.models import _torch_dtype, build_model_config
-
-    vocab = len(tokenizer) if tokenizer is not None else None
-    try:
-        if cfg.config:
-            hf_config = build_model_config(cfg, vocab_size=vocab, **config_overrides)
-            if tokenizer is not None and "pad_token_id" not in cfg.config:
-                hf_config.pad_token_id = tokenizer.pad_token_id
-            model = AutoModelForMaskedLM.from_config(hf_config, dtype=_torch_dtype(cfg.dtype))
-        else:
-            model = AutoModelForMaskedLM.from_pretrained(cfg.name_or_path, dtype=_torch_dtype(cfg.dtype), **config_overrides)
-    except ValueError as e:
-        if "Unrecognized configuration class" in str(e):
-            raise UserError("train.objective mlm: this model type has no masked-LM head; use an encoder config "
-                            "(model_type: bert, roberta, ...)") from None
-        raise
-    if vocab is not None and model.get_input_embeddings().num_embeddings < vocab:
-        model.resize_token_embeddings(vocab)
-    return model
-

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 
 from lmforge.config import UserError, help_field
-from lmforge.data.batching import IGNORE_INDEX, PadCollator, length_grouped_indices, round_up
+from lmforge.datasets.batching import IGNORE_INDEX, PadCollator, round_up
 
 
 @dataclasses.dataclass
@@ -399,42 +398,6 @@ class ClassificationCollator:
         batch = PadCollator(self.pad_token_id, self.pad_to_multiple_of)([{"input_ids": list(r["input_ids"])} for r in rows])
         batch["labels"] = torch.tensor([int(r["labels"]) for r in rows])  # (batch,)
         return batch
-
-
-class LengthGroupedBatches:
-    """This rank's k-th micro-batch, examples of similar length together (deterministic in k, so resume is exact).
-
-    Per epoch: a seeded length-grouped permutation (``data.batching.length_grouped_indices``) cut into
-    global batches of ``batch_size * world``, whose order is shuffled so that lengths vary over time;
-    rank r takes its slice of each global batch. The last partial global batch is dropped."""
-
-    def __init__(self, dataset, batch_size: int, collate: Callable[[list[dict]], dict], seed: int, rank: int, world: int):
-        self.dataset, self.bs, self.collate = dataset, batch_size, collate
-        self.seed, self.rank, self.world = seed, rank, world
-        self.lengths = [len(x) for x in dataset["input_ids"]]
-        self.per_epoch = len(dataset) // (batch_size * world)
-        if self.per_epoch == 0:
-            raise UserError(f"data: {len(dataset)} training examples are fewer than one global batch ({batch_size} per "
-                            f"device x {world} processes); add data or lower train.per_device_train_batch_size")
-        self._epoch, self._batches = -1, []
-
-    def _epoch_batches(self, epoch: int) -> list[list[int]]:
-        g = self.bs * self.world
-        order = length_grouped_indices(self.lengths, g, seed=self.seed, epoch=epoch)
-        batches = [order[i: i + g] for i in range(0, self.per_epoch * g, g)]
-        perm = np.random.default_rng([self.seed, epoch, 1]).permutation(len(batches))
-        return [batches[i] for i in perm]
-
-    def indices(self, k: int) -> list[int]:
-        epoch, j = divmod(k, self.per_epoch)
-        if epoch != self._epoch:
-            self._epoch, self._batches = epoch, self._epoch_batches(epoch)
-        return self._batches[j][self.rank * self.bs: (self.rank + 1) * self.bs]
-
-    def get(self, k: int) -> dict[str, torch.Tensor]:
-        idx = self.indices(k)
-        cols = self.dataset[idx]
-        return self.collate([dict(zip(cols, vals)) for vals in zip(*cols.values())])
 
 
 def describe_stats(stats: dict[str, Any]) -> str:

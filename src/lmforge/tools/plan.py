@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import re
 import sys
 from typing import Any
@@ -303,13 +302,11 @@ def _recipe_config(recipe: str, overrides: list[str]) -> tuple[str, Any, Any, in
     files of a recipe need not exist on the machine where you plan it. `lmforge check` validates the rest."""
     import typing
 
-    from lmforge.cli import STAGES
+    from lmforge.recipe import import_stage, recipe_stage
 
     raw = apply_overrides(read_yaml(recipe), overrides)
-    stage = raw.get("stage")
-    if stage not in STAGES:
-        raise UserError(f"{recipe}: stage: {stage!r} is not a stage lmforge knows; plan needs a training recipe")
-    hints = typing.get_type_hints(importlib.import_module(STAGES[stage]).Config)
+    stage = recipe_stage(recipe)
+    hints = typing.get_type_hints(import_stage(stage).Config)
     if not {"model", "train", "data"} <= set(hints):
         raise UserError(f"{recipe}: the '{stage}' stage does not train a model; plan needs a training recipe")
     # The two sections, parsed strictly by the stage's own dataclasses (errors read `train.key: ...`).

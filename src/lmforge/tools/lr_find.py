@@ -149,19 +149,19 @@ def cli(argv: list[str]) -> int:
     recipe, overrides, opts = _parse(argv)
     from accelerate.utils import set_seed
 
-    from lmforge.config import load
-    from lmforge.data.lm import build_lm_datasets
-    from lmforge.data.mlm import ensure_mask_token, load_masked_lm
-    from lmforge.models import build_model_config, load_causal_lm, load_tokenizer
+    from lmforge.datasets.batching import RankBatches
+    from lmforge.datasets.lm import build_lm_datasets
+    from lmforge.datasets.mlm import ensure_mask_token
+    from lmforge.models import build_model_config, load_causal_lm, load_masked_lm, load_tokenizer
     from lmforge.optim.optimizers import build_optimizer
     from lmforge.optim.param_groups import build_param_groups
-    from lmforge.stages import pretrain
-    from lmforge.train.loop import RankBatches, causal_lm_loss, collate_blocks, count_causal_tokens
-    from lmforge.train.regularize import dropout_overrides, objective_kwargs
+    from lmforge.recipe import load_recipe
+    from lmforge.train.regularize import dropout_overrides
+    from lmforge.train.tasks import pretrain_task
 
     if read_yaml(recipe).get("stage") != "pretrain":
         raise UserError(f"{recipe}: lr-find runs pretrain recipes (stage: pretrain)")
-    cfg = load(pretrain.Config, recipe, overrides)
+    _, cfg = load_recipe(recipe, overrides, stage="pretrain")
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     if cfg.train.objective == "mlm":
@@ -173,12 +173,10 @@ def cli(argv: list[str]) -> int:
     model.to(device)
     optimizer = build_optimizer(cfg.optim, build_param_groups(model, cfg.optim))
 
-    kw = objective_kwargs(cfg, tokenizer, train_ds)  # MLM masking, label smoothing, curriculum as in training
-    batches = kw.get("batches") or RankBatches(train_ds, cfg.train.per_device_train_batch_size, collate_blocks,
-                                               cfg.seed, 0, 1)
-    result = range_test(model, optimizer, batches, kw.get("loss_fn", causal_lm_loss),
-                        kw.get("count_tokens", count_causal_tokens), opts["steps"], opts["min"], opts["max"], device,
-                        cfg.optim.max_grad_norm)
+    task, batches = pretrain_task(cfg, tokenizer, train_ds)  # MLM masking, label smoothing, curriculum as in training
+    batches = batches or RankBatches(train_ds, cfg.train.per_device_train_batch_size, task.collate, cfg.seed, 0, 1)
+    result = range_test(model, optimizer, batches, task.loss, task.count_tokens, opts["steps"], opts["min"], opts["max"],
+                        device, cfg.optim.max_grad_norm)
     tips = suggest(result["lr"], result["smoothed"])
 
     out = Path(opts["out"] or f"{str(cfg.output_dir).rstrip('/')}_lr_find")

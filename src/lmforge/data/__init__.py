@@ -1,1 +1,0 @@
-"""lmforge.data."""

@@ -1,0 +1,1 @@
+"""Training-time feeding: packed LM blocks, SFT/classification records, MLM masking, batch sources."""

@@ -1,0 +1,87 @@
+"""Bad input, as a new user types it: one `error:` line naming the key (or file and line) and the fix,
+exit code 2, no traceback, and nothing written or removed (the folder is checksummed before/after)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+from lmforge import cli
+
+PRETRAIN = str(ROOT / "recipes" / "tiny" / "pretrain.yaml")
+
+
+def tree_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        h.update(str(p.relative_to(root)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str]:
+    rc = cli.main(list(argv))
+    err = capsys.readouterr().err
+    return rc, err
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    """An output folder holding another run's work that no refused command may touch."""
+    out = tmp_path / "out"
+    (out / "final").mkdir(parents=True)
+    (out / "final" / "model.safetensors").write_bytes(b"weights")
+    (out / "notes.txt").write_text("keep me")
+    return out
+
+
+CASES = {
+    "typo inside model.config": (["model.config.num_hidden_layer=6"], "model.config.num_hidden_layer: not a LlamaConfig key; did you mean 'num_hidden_layers'?"),
+    "unknown model_type": (["model.config.model_type=lama"], "model.config.model_type: 'lama' is not a transformers model type; did you mean 'llama'"),
+    "output_dir null": (["output_dir=null"], "output_dir: required"),
+    "eval batch size 0": (["eval.per_device_eval_batch_size=0"], "eval.per_device_eval_batch_size: must be >= 1"),
+    "seed too large": (["seed=4294967296"], "seed: 4294967296 is outside 0 .. 2**32-1"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_recipe_mistakes_are_one_line_errors_and_write_nothing(case, workdir, capsys):
+    overrides, message = CASES[case]
+    before = tree_digest(workdir)
+    extra = [] if any(o.startswith("output_dir=") for o in overrides) else [f"output_dir={workdir}"]
+    rc, err = run_cli(capsys, "pretrain", PRETRAIN, *extra, "overwrite=true", *overrides)
+    assert rc == 2
+    assert message in err, err
+    assert "Traceback" not in err and all(line.startswith("error: ") for line in err.strip().splitlines())
+    assert tree_digest(workdir) == before
+    assert not (ROOT / "None").exists()
+
+
+def test_output_dir_that_is_a_file(tmp_path, capsys):
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    rc, err = run_cli(capsys, "pretrain", PRETRAIN, f"output_dir={f}")
+    assert rc == 2 and f"output_dir: '{f}' is a file, not a folder" in err and f.read_text() == "x"
+
+
+def test_duplicate_yaml_keys_name_both_lines(tmp_path, capsys):
+    recipe = tmp_path / "dup.yaml"
+    recipe.write_text("stage: pretrain\noutput_dir: x\nseed: 1\nseed: 2\n")
+    rc, err = run_cli(capsys, "check", str(recipe))
+    assert rc == 2 and "key 'seed' appears twice in one mapping (lines 3 and 4)" in err and str(recipe) in err
+
+
+def test_a_recipe_for_another_stage_says_which_command_runs_it(capsys):
+    recipe = str(ROOT / "recipes" / "tiny" / "finetune_lora.yaml")
+    rc, err = run_cli(capsys, "pretrain", recipe)
+    assert rc == 2 and f"this is a 'finetune' recipe (stage: finetune); run `lmforge finetune {recipe}`" in err
+    assert err.count("\n") == 1  # one line, not a list of unknown keys
+
+
+def test_check_refuses_a_warmup_longer_than_training(capsys):
+    rc, err = run_cli(capsys, "check", PRETRAIN, "train.max_steps=5")
+    assert rc == 2 and "schedule.warmup_steps: 10 warmup steps exceed train.max_steps=5" in err
