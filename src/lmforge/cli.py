@@ -16,6 +16,7 @@ import logging
 import sys
 from collections.abc import Callable
 
+from lmforge import outputs
 from lmforge.config import UserError, describe
 from lmforge.recipe import STAGES, import_stage, load_recipe
 
@@ -61,7 +62,13 @@ def run_stage(name: str, argv: list[str]) -> int:
         print("\n".join(describe(module.Config)))
         return 0 if argv else 2
     _, cfg = load_recipe(argv[0], argv[1:], stage=name)
-    module.main(cfg)
+    try:
+        module.main(cfg)
+    except outputs.NothingToDo as e:
+        print(e)
+    except BaseException:
+        outputs.restore_pending()  # a folder that overwrite=true set aside comes back as it was
+        raise
     return 0
 
 

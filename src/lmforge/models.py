@@ -72,12 +72,29 @@ def config_key_problems(config: dict[str, Any]) -> list[str]:
         if "__init__" in vars(klass):
             known |= set(inspect.signature(klass.__init__).parameters) - {"self", "kwargs"}
     out = []
-    for key in config:
-        if key not in known:
+    base = cls().to_dict()
+    for key, value in config.items():
+        if key not in known and not _changes_config(cls, base, key, value):
             close = difflib.get_close_matches(key, sorted(known), n=1)
             out.append(f"config.{key}: not a {cls.__name__} key" + (f"; did you mean '{close[0]}'?" if close else "")
                        + " (a misspelt key would be ignored)")
     return out
+
+
+def _changes_config(cls, base: dict, key: str, value: Any) -> bool:
+    """A key the class folds into another field (transformers 5: rope_theta -> rope_parameters) is real.
+    Numbers are also tried changed, since a recipe may give the default value itself."""
+    probes = [value] + ([value * 2 + 1] if isinstance(value, (int, float)) and not isinstance(value, bool) else [])
+    expect = {k: v for k, v in base.items() if k != key}
+    for probe in probes:
+        try:
+            after = cls(**{key: probe}).to_dict()
+        except Exception:  # the class rejected the value: let from_config say why
+            return True
+        after.pop(key, None)
+        if after != expect:
+            return True
+    return False
 
 
 def _looks_local(name: str) -> bool:

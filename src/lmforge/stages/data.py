@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import ClassVar, Literal
 
+from lmforge import outputs
 from lmforge.config import RunConfig, UserError, dump, help_field, nested, to_dict
 from lmforge.pipeline.clean import (
     FiltersConfig,
@@ -177,8 +178,13 @@ def prepare_dirs(cfg: Config) -> tuple[Path, Path] | None:
     work = out.with_name(out.name + ".partial")
     if out.exists() and any(out.iterdir()):
         if cfg.overwrite:
-            shutil.rmtree(out)
+            outputs.refuse_foreign(out)  # replaced only when the new output is complete (see main)
         elif cfg.resume == "auto" and (out / "report.json").exists():
+            if (out / "recipe.yaml").exists():
+                diff = outputs.changed_keys(outputs.read_recipe(out / "recipe.yaml"), _recipe_key(cfg), allowed=("resume", "overwrite"))
+                if diff:
+                    raise UserError(f"resume=auto: '{out}' is complete, but made with another recipe ({', '.join(diff[:8])} "
+                                    "differ); rerun with overwrite=true to rebuild it, or choose another output_dir")
             return None
         else:
             raise UserError(f"output_dir: '{out}' is not empty; pass overwrite=true to replace it, "
@@ -233,9 +239,14 @@ def main(cfg: Config) -> dict | None:
         return None
     dump(cfg, work / "recipe.yaml")
     (work / "recipe.json").unlink()
+    outputs.mark(work, "data")
     if out.exists():
-        out.rmdir()  # empty (checked above)
+        if any(out.iterdir()):
+            outputs.set_aside(out)  # overwrite=true: the old output stayed whole until the new one was complete
+        else:
+            out.rmdir()
     work.rename(out)
+    outputs.discard_pending(out)
     report = json.loads((out / "report.json").read_text())
     d, t = report["documents"], report["tokens"]
     print(f"\ndata done in {time.perf_counter() - t0:.1f} s: {d['read']} documents read, {d['kept']} kept; "

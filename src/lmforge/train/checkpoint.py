@@ -10,12 +10,17 @@ suffix are complete by construction. Only the newest ``keep_last`` are kept.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from lmforge.config import UserError
+
+log = logging.getLogger("lmforge")
 
 _STEP = re.compile(r"^step_(\d+)$")
 LOOP_STATE = "loop_state.json"
@@ -31,9 +36,30 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def missing_files(path: Path) -> list[str]:
+    """Files the checkpoint's manifest lists that are gone or changed size (checkpoints older than the
+    manifest: nothing to check)."""
+    files = json.loads((path / LOOP_STATE).read_text()).get("files") or {}
+    return [f for f, size in files.items() if not (path / f).is_file() or (path / f).stat().st_size != size]
+
+
 def latest(root: str | Path) -> Path | None:
+    """The newest *complete* checkpoint: one whose files all match its manifest. A broken newer one is
+    skipped with a warning that names it; when every checkpoint is broken, a one-line error."""
     ckpts = list_checkpoints(root)
-    return ckpts[-1] if ckpts else None
+    broken = []
+    for path in reversed(ckpts):
+        gone = missing_files(path)
+        if not gone:
+            if broken:
+                log.warning("checkpoint %s is incomplete (%s missing or changed); resuming from %s instead",
+                            broken[0][0], ", ".join(broken[0][1][:3]), path)
+            return path
+        broken.append((path, gone))
+    if broken:
+        raise UserError(f"resume: every checkpoint in '{root}' is incomplete (newest: {broken[0][0].name} lacks "
+                        f"{', '.join(broken[0][1][:3])}); delete the broken checkpoints, or start over with overwrite=true")
+    return None
 
 
 def save(accelerator, root: str | Path, step: int, loop_state: dict[str, Any], recipe: dict, keep_last: int) -> Path:
@@ -50,8 +76,10 @@ def save(accelerator, root: str | Path, step: int, loop_state: dict[str, Any], r
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-        # Written last: its presence marks the folder complete even before the rename.
-        (tmp / LOOP_STATE).write_text(json.dumps(loop_state, indent=1))
+        # Written last: its presence marks the folder complete even before the rename; its manifest
+        # (every file and its size) lets resume tell a checkpoint that lost a file since.
+        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+        (tmp / LOOP_STATE).write_text(json.dumps({**loop_state, "files": files}, indent=1))
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -65,4 +93,6 @@ def load(accelerator, path: str | Path) -> dict[str, Any]:
     """Restore model/optimizer/RNG state into the prepared objects; return the loop state."""
     path = Path(path)
     accelerator.load_state(str(path))
-    return json.loads((path / LOOP_STATE).read_text())
+    state = json.loads((path / LOOP_STATE).read_text())
+    state.pop("files", None)
+    return state

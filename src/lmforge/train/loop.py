@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 
 import torch
 
+from lmforge import outputs
 from lmforge.config import UserError, dump, to_dict
 from lmforge.datasets.batching import RankBatches
 from lmforge.optim.optimizers import build_optimizer
@@ -63,12 +63,17 @@ def setup(cfg) -> Any:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     out = Path(cfg.output_dir)
     # Every rank checks before anyone writes, so ranks agree.
-    non_empty = out.is_dir() and any(out.iterdir())
+    non_empty = out.is_dir() and any(p.name != outputs.LOCK for p in out.iterdir())
     if non_empty and cfg.resume == "none" and not cfg.overwrite:
         raise UserError(
             f"output_dir: '{out}' is not empty; pass resume=auto to continue that run, "
             "overwrite=true to replace it, or choose another output_dir"
         )
+    replace = non_empty and cfg.overwrite and cfg.resume == "none"
+    if replace:
+        outputs.refuse_foreign(out)
+    if cfg.resume == "auto" and non_empty:
+        _check_resume(cfg, out)
     trackers = available_trackers(cfg.log.trackers)
     acc = make_accelerator(
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps, mixed_precision=cfg.train.mixed_precision,
@@ -80,16 +85,47 @@ def setup(cfg) -> Any:
     import transformers
 
     transformers.utils.logging.set_verbosity_warning()
-    acc.wait_for_everyone()
+    # one run per folder: the main process holds a lock for the life of the run; every rank learns the answer
+    holder = outputs.acquire(out) if acc.is_main_process else None
+    busy = acc.reduce(torch.tensor(float(holder is not None), device=acc.device), reduction="sum")
+    if float(busy):
+        raise UserError(f"output_dir: another lmforge run (pid {holder or '?'}) is writing into '{out}'; wait for it "
+                        "to finish or choose another output_dir")
     if acc.is_main_process:
-        if non_empty and cfg.overwrite and cfg.resume == "none":
-            log.info("overwrite=true: clearing %s", out)
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
+        if replace:  # set aside, not deleted: a failure before the new result exists puts it back
+            outputs.release(out)
+            outputs.set_aside(out)
+            outputs.acquire(out)
+        outputs.mark(out, getattr(cfg, "STAGE", "run"))
         dump(cfg, out / "recipe.yaml")
     acc.wait_for_everyone()
     set_seed(cfg.seed)
     return acc
+
+
+def _check_resume(cfg, out: Path) -> None:
+    """``resume=auto`` onto an existing run: refuse a changed recipe (naming the keys), say when there is
+    nothing to do, and refuse to "continue" a finished run that kept no checkpoint."""
+    ckpt = checkpoint.latest(out / "checkpoints")
+    saved_path = ckpt / "recipe.yaml" if ckpt is not None else out / "recipe.yaml"
+    if saved_path.exists():
+        diff = outputs.changed_keys(outputs.read_recipe(saved_path), to_dict(cfg))
+        if diff:
+            shown = ", ".join(diff[:8]) + (f" and {len(diff) - 8} more" if len(diff) > 8 else "")
+            raise UserError(f"resume=auto: the recipe differs from the run in '{out}' ({saved_path.relative_to(out)}) "
+                            f"in {shown}; resume with the same values, or start a new run (another output_dir, or overwrite=true)")
+    summary = out / "summary.json"
+    if not summary.exists():
+        return
+    s, T = json.loads(summary.read_text()), cfg.train.max_steps
+    if (out / "final").exists() and (s.get("step", 0) >= T or s.get("stopped_early")):
+        how = "stopped early" if s.get("stopped_early") and s.get("step", 0) < T else "complete"
+        raise outputs.NothingToDo(f"{out}: the run is {how} already (step {s.get('step')} of train.max_steps={T}, "
+                                  "final/ written); nothing to do. Raise train.max_steps to train further")
+    if ckpt is None and s.get("step", 0) < T and not s.get("stopped_early") and s.get("final_dir"):
+        raise UserError(f"resume=auto: the run in '{out}' finished at step {s.get('step')} and kept no checkpoint "
+                        f"(checkpoint.save_every: 0), so it cannot continue to train.max_steps={T}; start a new run from "
+                        f"its final/ (model.name_or_path={out / 'final'} and another output_dir)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,6 +323,10 @@ def run(
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         (out / "report.md").write_text(_report(out, summary))
+        if final_dir is not None:
+            outputs.discard_pending(out)  # the new result exists: the folder it replaced can go
+    if acc.is_main_process:
+        outputs.release(out)
     if end_training:
         acc.wait_for_everyone()  # no rank tears the process group down while another still writes
         acc.end_training()  # closes trackers and destroys the process group
