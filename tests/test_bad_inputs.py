@@ -85,3 +85,27 @@ def test_a_recipe_for_another_stage_says_which_command_runs_it(capsys):
 def test_check_refuses_a_warmup_longer_than_training(capsys):
     rc, err = run_cli(capsys, "check", PRETRAIN, "train.max_steps=5")
     assert rc == 2 and "schedule.warmup_steps: 10 warmup steps exceed train.max_steps=5" in err
+
+
+def test_launch_checks_config_and_recipe_before_spawning_ranks(capsys):
+    rc, err = run_cli(capsys, "launch", "--config_file", "accelerate_configs/nope.yaml", "pretrain", PRETRAIN)
+    assert rc == 2 and "--config_file: 'accelerate_configs/nope.yaml' does not exist" in err
+    rc, err = run_cli(capsys, "launch", "--config_file", "accelerate_configs/multi_cpu.yaml", "--num_processes", "2",
+                      "pretrain", PRETRAIN, "model.config.num_hidden_layer=3")
+    assert rc == 2 and err.count("error: ") == 1 and "did you mean 'num_hidden_layers'" in err
+
+
+@pytest.mark.layouts
+def test_launch_hands_a_good_recipe_to_accelerate(tmp_path):
+    import subprocess
+
+    from conftest import BIN, subprocess_env
+
+    r = subprocess.run([str(BIN / "lmforge"), "launch", "--config_file", "accelerate_configs/multi_cpu.yaml", "pretrain",
+                        PRETRAIN, f"output_dir={tmp_path}", "train.max_steps=2", "log.trackers=[]", "eval.eval_every=0",
+                        "checkpoint.save_every=0", "schedule.warmup_steps=0", "data.block_size=32"],
+                       capture_output=True, text=True, cwd=ROOT, env=subprocess_env(), timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    import json
+
+    assert json.loads((tmp_path / "summary.json").read_text())["num_processes"] == 2

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import ROOT
 from test_bad_inputs import run_cli, tree_digest
 
@@ -114,3 +115,24 @@ def test_data_overwrite_keeps_the_complete_dataset_when_the_new_run_fails(tmp_pa
                       "executor.tasks=1", "sources=[{name: a, files: [" + str(bad) + "], text_key: text}]")
     assert rc == 2 and f"{bad}:2" in err
     assert tree_digest(out) == before
+
+
+@pytest.mark.layouts
+def test_deepspeed_divergence_stops_before_the_engine_steps(tmp_path):
+    """Under DeepSpeed the engine steps inside backward, so the NaN/inf guard checks each micro-batch's loss
+    before it: a run whose loss overflows stops at that step, on both ranks, with the last good checkpoint
+    kept and nothing newer written."""
+    from conftest import BIN, subprocess_env
+
+    out = tmp_path / "ds"
+    cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "accelerate_configs" / "deepspeed_zero2.yaml"),
+           "-m", "lmforge", "pretrain", PRETRAIN, f"output_dir={out}", *TINY, "train.max_steps=6", "checkpoint.save_every=1",
+           "optim.learning_rate=1e30", "schedule.name=constant", "schedule.warmup_steps=null", "schedule.min_lr=0",
+           "optim.max_grad_norm=null"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=subprocess_env(), timeout=600)
+    assert r.returncode != 0
+    err = r.stdout + r.stderr
+    assert "training diverged: the loss became NaN/inf at step" in err
+    step = int(err.split("NaN/inf at step ")[1].split(";")[0])
+    saved = sorted(int(p.name.split("_")[1]) for p in (out / "checkpoints").glob("step_*"))
+    assert saved and max(saved) == step - 1 and not (out / "final").exists()

@@ -29,6 +29,7 @@ TOOLS: dict[str, str] = {
     "lr-find": "lmforge.tools.lr_find:cli",
     "export": "lmforge.tools.export:cli",
     "generate": "lmforge.tools.generate:cli",
+    "launch": "lmforge.tools.launch:cli",
 }
 
 USAGE = """usage: lmforge <command> [args]

@@ -228,6 +228,7 @@ def run(
     last_eval: dict[str, float] = {}
     eval_every, save_every = cfg.eval.eval_every, cfg.checkpoint.save_every
 
+    deepspeed = is_deepspeed(acc)
     while state["step"] < stop:
         t0 = time.perf_counter()
         step = state["step"]
@@ -247,6 +248,8 @@ def run(
         for b in micro:
             with acc.accumulate(model):
                 res = task.loss(model, b)
+                if deepspeed:  # accelerate's DeepSpeed backward also steps the engine: check the loss before it
+                    check_finite(acc, res["loss_sum"].detach().double(), step + 1, ckpt_root)
                 acc.backward(res["loss_sum"] * scale.to(res["loss_sum"].dtype))
                 step_loss += res["loss_sum"].detach().double()
         check_finite(acc, step_loss, step + 1, ckpt_root)  # NaN/inf: stop before stepping or saving
