@@ -105,6 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2
+    if argv[0] in ("-v", "--verbose"):  # keep third-party detail (see lmforge.quiet_third_party)
+        import os
+
+        os.environ["LMFORGE_VERBOSE"] = "1"
+        logging.getLogger("torchao").setLevel(logging.NOTSET)
+        argv = argv[1:]
+        if not argv:
+            print(_usage())
+            return 2
     command, rest = argv[0], argv[1:]
     try:
         if command in STAGES:

@@ -35,6 +35,7 @@ from lmforge.pipeline.clean import (
     build_filters,
 )
 from lmforge.pipeline.dedup import DedupClusters, DedupConfig, DedupKeys
+from lmforge.pipeline.logs import quiet_datatrove
 from lmforge.pipeline.publish import PackConfig, Publish
 from lmforge.pipeline.readers import LocalReader, SourceConfig, StepAbort, aborts_in_process, expand_sources
 from lmforge.pipeline.tokenizer import TokenizerConfig
@@ -209,6 +210,7 @@ def prepare_dirs(cfg: Config) -> tuple[Path, Path] | None:
 
 def main(cfg: Config) -> dict | None:
     check(cfg)
+    quiet_datatrove()
     dirs = prepare_dirs(cfg)
     if dirs is None:
         print(f"data: {cfg.output_dir} is complete already (report.json present); nothing to do")
