@@ -109,3 +109,30 @@ def test_launch_hands_a_good_recipe_to_accelerate(tmp_path):
     import json
 
     assert json.loads((tmp_path / "summary.json").read_text())["num_processes"] == 2
+
+
+def test_data_the_model_cannot_take(tmp_path, capsys):
+    rc, err = run_cli(capsys, "pretrain", PRETRAIN, f"output_dir={tmp_path / 'o'}", "data.block_size=512")
+    assert rc == 2 and "data.block_size: 512 exceeds the model's max_position_embeddings (256)" in err
+    assert not (tmp_path / "o" / "final").exists()
+
+
+def test_bad_data_files_are_named_with_their_line(tmp_path, capsys):
+    rc, err = run_cli(capsys, "pretrain", PRETRAIN, f"output_dir={tmp_path / 'o'}", f"data.train_files=[{tmp_path}]")
+    assert rc == 2 and f"data.train_files: '{tmp_path}' is a directory; give its files or a glob" in err
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "fine"}\n{"text": "cut off\n')
+    rc, err = run_cli(capsys, "pretrain", PRETRAIN, f"output_dir={tmp_path / 'b'}", f"data.train_files=[{broken}]")
+    assert rc == 2 and f"{broken}:2: not a JSON object" in err
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes('{"text": "ok"}\n{"text": "caf\xe9"}\n'.encode("latin-1"))
+    rc, err = run_cli(capsys, "pretrain", PRETRAIN, f"output_dir={tmp_path / 'c'}", f"data.train_files=[{latin}]")
+    assert rc == 2 and f"{latin}:2: not UTF-8" in err
+
+
+def test_generate_on_a_folder_without_weights(tmp_path, capsys):
+    from transformers import AutoConfig
+
+    AutoConfig.for_model("llama", hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path)
+    rc, err = run_cli(capsys, "generate", str(tmp_path), "--prompt", "x")
+    assert rc == 2 and "MODEL_DIR: cannot load a model from" in err and "Traceback" not in err

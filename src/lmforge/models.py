@@ -249,6 +249,14 @@ def load_pretrained(cfg: ModelConfig, tokenizer, *, task: str = "causal_lm", lab
     return model
 
 
+def _from_pretrained(cls, name: str, kw: dict):
+    try:
+        return cls.from_pretrained(name, **kw)
+    except (OSError, ValueError) as e:
+        raise UserError(f"MODEL_DIR: cannot load a model from '{name}' ({str(e).strip().splitlines()[0]}); a model folder "
+                        "needs config.json and its weights (model.safetensors)") from None
+
+
 def load_for_generation(model_dir: str | Path, base: str | None = None, dtype: str = "float32"):
     """(model, tokenizer) from a model folder or an adapter folder (+ the base it names, or ``base``), in eval mode."""
     import json
@@ -268,9 +276,9 @@ def load_for_generation(model_dir: str | Path, base: str | None = None, dtype: s
         base = base or json.loads(adapter_cfg.read_text()).get("base_model_name_or_path")
         if not base or not Path(base).exists() and base.startswith((".", "/")):
             raise UserError(f"--base: the adapter names base model '{base}', which is not there; pass --base PATH")
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, **kw), str(path))
+        model = PeftModel.from_pretrained(_from_pretrained(AutoModelForCausalLM, base, kw), str(path))
     elif (path / "config.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(str(path), **kw)
+        model = _from_pretrained(AutoModelForCausalLM, str(path), kw)
     else:
         raise UserError(f"MODEL_DIR: '{path}' holds neither a model (config.json) nor an adapter (adapter_config.json)")
     tok_dir = path if (path / "tokenizer_config.json").is_file() else Path(base or path)

@@ -40,7 +40,9 @@ class LMDataConfig:
             out.append(f"path: '{self.path}' does not exist; run `lmforge data` first or fix the path")
         for key in ("train_files", "validation_files"):
             for pattern in getattr(self, key):
-                if not glob.glob(pattern):
+                if Path(pattern).is_dir():
+                    out.append(f"{key}: '{pattern}' is a directory; give its files or a glob, e.g. '{Path(pattern) / '*.jsonl'}'")
+                elif not glob.glob(pattern):
                     out.append(f"{key}: '{pattern}' matches no file; check the path (relative to where you run lmforge)")
                 elif Path(pattern).suffix.lower() not in _BUILDERS and not any(
                     Path(f).suffix.lower() in _BUILDERS for f in glob.glob(pattern)
@@ -68,10 +70,57 @@ def load_raw(files: list[str], text_key: str):
     try:
         ds = datasets.load_dataset(builder, data_files=files, split="train")
     except Exception as e:  # datasets raises many types for a malformed file
-        raise UserError(f"cannot read {files[0] if len(files) == 1 else files}: {str(e).splitlines()[0]}") from None
+        where = _first_bad_line(files) if builder == "json" else None
+        raise UserError(where or f"cannot read {files[0] if len(files) == 1 else files}: {str(e).splitlines()[0]}") from None
     if text_key not in ds.column_names:
         raise UserError(f"{files[0]}: no '{text_key}' column (found {ds.column_names}); set data.text_key")
     return ds.select_columns([text_key])
+
+
+def _first_bad_line(files: list[str]) -> str | None:
+    """'file:line: what is wrong; the fix' for the first undecodable or unparsable JSON Lines record
+    (datasets only says "An error occurred while generating the dataset")."""
+    import json
+
+    for f in files:
+        with open(f, "rb") as fh:
+            for n, raw in enumerate(fh, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    return f"{f}:{n}: not UTF-8 (byte {e.start}); re-encode the file as UTF-8"
+                if line.strip():
+                    try:
+                        json.loads(line)
+                    except json.JSONDecodeError as e:
+                        return f"{f}:{n}: not a JSON object ({e.msg}); fix or remove the line"
+    return None
+
+
+def max_token_id(ds) -> int:
+    """The largest token id in a dataset's ``input_ids`` (Arrow compute, no Python lists)."""
+    import pyarrow.compute as pc
+
+    flat = pc.list_flatten(ds.data.column("input_ids"))
+    return int(pc.max(flat).as_py()) if len(flat) else -1
+
+
+def check_model_fits(model_config, block_size: int, datasets_: list) -> None:
+    """One-line errors for data the model cannot take: blocks longer than its positions (GPT-2 fails with
+    an IndexError, Llama trains silently past its RoPE range) or token ids beyond its vocabulary."""
+    problems = []
+    limit = next((getattr(model_config, k) for k in ("max_position_embeddings", "n_positions", "max_seq_len")
+                  if getattr(model_config, k, None)), None)
+    if limit is not None and block_size > limit:
+        problems.append(f"data.block_size: {block_size} exceeds the model's max_position_embeddings ({limit}); lower "
+                        "data.block_size or raise model.config.max_position_embeddings")
+    vocab = getattr(model_config, "vocab_size", None)
+    top = max((max_token_id(d) for d in datasets_ if d is not None), default=-1)
+    if vocab is not None and top >= vocab:
+        problems.append(f"data: token id {top} is outside the model's vocabulary of {vocab}; the data was tokenized with "
+                        "another tokenizer (use the data stage's tokenizer as model.tokenizer) or raise model.config.vocab_size")
+    if problems:
+        raise UserError(problems)
 
 
 def pack_flat(ids: np.ndarray, block_size: int) -> np.ndarray:
@@ -136,8 +185,13 @@ def build_lm_datasets(cfg: LMDataConfig, tokenizer, seed: int):
         raw, raw_val = split["train"], split["test"]
     else:
         raw_val = None
-    train = tokenize_and_pack(raw, tokenizer, cfg.text_key, cfg.block_size, cfg.num_proc)
-    val = tokenize_and_pack(raw_val, tokenizer, cfg.text_key, cfg.block_size, cfg.num_proc) if raw_val is not None else None
+    try:
+        train = tokenize_and_pack(raw, tokenizer, cfg.text_key, cfg.block_size, cfg.num_proc)
+        val = tokenize_and_pack(raw_val, tokenizer, cfg.text_key, cfg.block_size, cfg.num_proc) if raw_val is not None else None
+    except UnicodeDecodeError:  # Arrow's JSON reader accepts bytes that are not UTF-8; decoding fails here
+        files = _expand(cfg.train_files + cfg.validation_files)
+        where = _first_bad_line(files) if all(Path(f).suffix.lower() in (".jsonl", ".json") for f in files) else None
+        raise UserError(where or f"data: {files[:3]} hold text that is not UTF-8; re-encode the files as UTF-8") from None
     if len(train) == 0:
         raise UserError(f"data.train_files: fewer than {cfg.block_size} tokens in total; add data or lower data.block_size")
     return train.with_format("torch"), (val.with_format("torch") if val is not None and len(val) else None)

@@ -13,7 +13,7 @@ import dataclasses
 from typing import ClassVar
 
 from lmforge.config import nested
-from lmforge.datasets.lm import LMDataConfig, build_lm_datasets
+from lmforge.datasets.lm import LMDataConfig, build_lm_datasets, check_model_fits
 from lmforge.datasets.mlm import ensure_mask_token
 from lmforge.models import ModelConfig, build_model_config, load_causal_lm, load_masked_lm, load_tokenizer
 from lmforge.train import loop
@@ -44,6 +44,7 @@ def main(cfg: Config) -> loop.RunResult:
     dropout = dropout_overrides(cfg.train.dropout, build_model_config(cfg.model))  # train.dropout -> config keys
     load_model = load_masked_lm if cfg.train.objective == "mlm" else load_causal_lm
     model = load_model(cfg.model, tokenizer, **dropout)
+    check_model_fits(model.config, cfg.data.block_size, [train_ds, val_ds])  # positions and vocabulary
 
     # ---- train: the task is the objective (causal or masked LM, label smoothing); batches: MLM masks, curriculum ----
     task, batches = pretrain_task(cfg, tokenizer, train_ds, acc.process_index, acc.num_processes)
