@@ -341,3 +341,34 @@ def test_finetune_counts_real_tokens_and_padding_efficiency(base_dir, tmp_path):
     padded = sum(batches.get(k)["input_ids"].numel() for k in range(3))
     assert summary["tokens_seen"] == real < 3 * 4 * cfg.data.max_seq_length
     assert summary["padding_efficiency"] == pytest.approx(real / padded)
+
+
+def test_adapter_run_killed_mid_training_resumes_bitwise(base_dir, tmp_path):
+    """kill -9 of an adapter fine-tune once it has a checkpoint (wherever it is then: stepping or saving),
+    then resume=auto in a fresh process: the final adapter equals an uninterrupted run's bitwise."""
+    import signal
+    import subprocess
+    import time
+
+    from conftest import BIN, subprocess_env
+    from safetensors.torch import load_file
+
+    args = ["finetune", str(ROOT / "recipes" / "tiny" / "finetune_lora.yaml"), f"model.name_or_path={base_dir}",
+            "train.max_steps=12", "train.per_device_train_batch_size=4", "data.max_seq_length=48", "eval.eval_every=0",
+            "log.trackers=[]", "schedule.warmup_steps=0", "peft.dropout=0.0", "checkpoint.save_every=2"]
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([str(BIN / "lmforge"), *args, f"output_dir={run}"], env=subprocess_env(), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (run / "checkpoints" / "step_4").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "final").exists(), "the run finished before it was killed; the test proves nothing"
+    for out, extra in ((run, ["resume=auto"]), (tmp_path / "straight", [])):
+        r = subprocess.run([str(BIN / "lmforge"), *args, f"output_dir={out}", *extra], env=subprocess_env(), cwd=ROOT,
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+    resumed = load_file(run / "final" / "adapter_model.safetensors")
+    straight = load_file(tmp_path / "straight" / "final" / "adapter_model.safetensors")
+    assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in straight)
