@@ -108,3 +108,18 @@ def test_cuda_rule(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match="cuda"):
         precision.auto_mixed_precision("cuda")
+
+
+def test_train_mixed_precision_auto_uses_the_probe_answer(tmp_path):
+    """`train.mixed_precision: auto` runs in the precision the probe picks for this machine (fp32 on an
+    AVX2-only CPU, bf16 on one with AVX512-BF16/AMX where it measured faster) and records it."""
+
+    from lmforge.config import load
+    from lmforge.stages import pretrain
+    from lmforge.train.precision import auto_mixed_precision
+
+    cfg = load(pretrain.Config, "recipes/tiny/pretrain.yaml", [
+        f"output_dir={tmp_path}", "train.max_steps=2", "train.mixed_precision=auto", "log.trackers=[]",
+        "schedule.warmup_steps=0", "eval.eval_every=0", "checkpoint.save_every=0", "data.block_size=32"])
+    pretrain.main(cfg)
+    assert json.loads((tmp_path / "summary.json").read_text())["mixed_precision"] == auto_mixed_precision("cpu")[0]

@@ -75,8 +75,14 @@ def setup(cfg) -> Any:
     if cfg.resume == "auto" and non_empty:
         _check_resume(cfg, out)
     trackers = available_trackers(cfg.log.trackers)
+    precision = cfg.train.mixed_precision
+    if precision == "auto":
+        from lmforge.train.precision import auto_mixed_precision
+
+        precision, why = auto_mixed_precision("cuda" if torch.cuda.is_available() else "cpu")
+        log.info("train.mixed_precision=auto -> %s (%s)", precision, why)
     acc = make_accelerator(
-        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps, mixed_precision=cfg.train.mixed_precision,
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps, mixed_precision=precision,
         project_dir=str(out), log_with=trackers, micro_batch_size=cfg.train.per_device_train_batch_size,
         max_grad_norm=cfg.optim.max_grad_norm,  # under DeepSpeed the engine clips: the recipe sets its value
     )

@@ -22,8 +22,9 @@ class TrainConfig:
         None, help="Stop after this step (checkpointing first) but keep the max_steps schedule: for time-boxed jobs; resume=auto continues."
     )
     gradient_checkpointing: bool = help_field(False, help="Recompute activations in backward to save memory.")
-    mixed_precision: Literal["no", "fp16", "bf16"] | None = help_field(
-        None, help="Override the accelerate config's mixed precision (null: the accelerate config decides)."
+    mixed_precision: Literal["no", "fp16", "bf16", "auto"] | None = help_field(
+        None, help="Override the accelerate config's mixed precision (null: the accelerate config decides; auto: bf16 "
+                   "where a cached probe finds it faster on this device, fp16 on GPUs without bf16, else fp32)."
     )
     peak_flops: float | None = help_field(
         None, help="Device peak FLOP/s for MFU (null: measured once by a matmul probe and cached)."
