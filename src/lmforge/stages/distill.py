@@ -1,0 +1,599 @@
+"""`lmforge distill RECIPE.yaml`: train a smaller causal LM (the student) to match a frozen teacher.
+
+    recipe -> tokenizer (the teacher's) -> packed blocks -> teacher (frozen) -> student -> KD task
+           -> train.loop.run -> output_dir/final (a plain student)
+
+The loss per loss token is ``alpha_ce * CE(labels) + weight_kd * KD(teacher || student)
+[+ hidden_weight * hidden-state distance]`` (``lmforge.train.kd_task.KD``; the divergences are
+``lmforge.train.kd``). Validation reports the student's plain CE on the real labels, so its loss and
+perplexity compare directly with a pretrain run or a CE-only control (``distill.weight_kd=0``).
+
+``distill.mode``:
+  live    the teacher runs beside the student on every micro-batch (any ``distill.kl``, hidden states);
+  cached  one pass of the teacher over the training blocks first writes its top-k log-probabilities
+          (+ the log-mass of the rest) to ``distill.cache_dir`` as a ``datasets`` folder; training then
+          reads them with the blocks and never loads the teacher (forward KL, ``kd.sparse_forward_kl``).
+          The cache is fingerprinted (teacher files, training blocks, top_k, temperature, vocab) and a
+          cache made for anything else is refused.
+
+``student``: ``init: teacher_layers`` (every ``every_k``-th teacher block, DistilBERT style), or
+``config: {model_type: ...}`` (fresh), or ``name_or_path`` (pretrained). Its tokenizer defaults to the
+teacher's; another one must map every id to the same token (``kd.check_same_tokenizer``). Logits are
+compared over the vocabulary rows both models have (``kd.shared_vocab_size``, padded rows trimmed).
+
+The teacher is frozen (``requires_grad=False``), in eval mode, on the accelerator's device and never
+given to ``acc.prepare``: under DDP / ZeRO-1/2 each rank holds a replica. ZeRO-3 and FSDP (sharded
+parameters) are refused for now: the teacher would need its own sharded inference engine.
+
+Hidden-state loss (``distill.hidden: mse | cosine``): when the widths differ a learned projection
+(student width -> teacher width) trains with the student. It is a submodule of the student named
+``kd_projection`` so that DDP syncs it and the optimizer, clipping and checkpoints include it, and it
+is listed in ``_keys_to_ignore_on_save`` so ``final/`` stays a plain student; it is saved beside it as
+``output_dir/kd_projection.safetensors``.
+
+Outputs in ``output_dir``: ``final/`` (``AutoModelForCausalLM.from_pretrained``-loadable, tokenizer,
+recipe, ``distill.json``), ``metrics.jsonl`` (train rows: the combined loss), ``distill_metrics.jsonl``
+(per logged step: ce, kd, hidden per token), ``summary.json`` (plus a ``distill`` section: settings,
+the last parts, the teacher's validation loss in live mode), ``checkpoints/``, ``training_curves.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import hashlib
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from lmforge.config import UserError, help_field, nested
+from lmforge.datasets.lm import LMDataConfig, build_lm_datasets
+from lmforge.models import ModelConfig, load_causal_lm, torch_dtype
+from lmforge.train import checkpoint, loop
+from lmforge.train.accel import is_sharded
+from lmforge.train.evaluate import evaluate
+from lmforge.train.kd import (
+    SOFT_TARGET_KINDS,
+    check_same_tokenizer,
+    layer_map,
+    make_projection,
+    shared_vocab_size,
+    student_from_teacher_layers,
+    topk_logprobs,
+)
+from lmforge.train.kd_task import CACHE_COLUMNS, KD, KDParts
+from lmforge.train.settings import TrainingRecipe
+
+log = logging.getLogger("lmforge")
+
+PROJECTION = "kd_projection"  # the student submodule holding the hidden-state projection (never in final/)
+CACHE_META = "kd_cache.json"  # the fingerprint file inside a top-k cache folder
+DEFAULT_BETA, DEFAULT_SKEW_ALPHA, DEFAULT_TOP_K = 0.5, 0.1, 32
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipe
+
+
+def _looks_local(name: str) -> bool:
+    """A hub id is `name` or `org/name`; anything else (./x, /x, a/b/c, ~) is a local path."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
+
+
+@dataclasses.dataclass
+class TeacherConfig:
+    name_or_path: str | None = help_field(None, help="The teacher: a model folder (e.g. outputs/tiny/pretrain/final) or hub id (required).")
+    tokenizer: str | None = help_field(None, help="Its tokenizer (default: name_or_path); the student's defaults to this one.")
+    dtype: Literal["float32", "bfloat16"] = help_field("float32", help="dtype the teacher is loaded in (it only runs forwards).")
+    trust_remote_code: bool = help_field(False, help="Allow model code from the hub; only for models you trust.")
+    attn_implementation: str | None = help_field(None, help="'sdpa', 'eager', ... (default: transformers' choice).")
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.name_or_path:
+            out.append("name_or_path: required: the teacher model folder (e.g. outputs/tiny/pretrain/final) or hub id")
+        elif _looks_local(self.name_or_path) and not Path(self.name_or_path).exists():
+            out.append(f"name_or_path: '{self.name_or_path}' does not exist; give an existing model folder (make pretrain "
+                       "writes outputs/tiny/pretrain/final) or a hub id")
+        if self.tokenizer and _looks_local(self.tokenizer) and not Path(self.tokenizer).exists():
+            out.append(f"tokenizer: '{self.tokenizer}' does not exist; give a tokenizer folder or a hub id")
+        return out
+
+
+@dataclasses.dataclass
+class StudentConfig:
+    init: Literal["teacher_layers"] | None = help_field(
+        None, help="teacher_layers: a copy of the teacher keeping every every_k-th block (null: config or name_or_path).")
+    every_k: int | None = help_field(None, help="init teacher_layers: keep teacher blocks 0, k, 2k, ... (default 2).")
+    config: dict[str, Any] = help_field({}, help="Build a fresh student: {model_type: llama, hidden_size: ..., ...}.")
+    name_or_path: str | None = help_field(None, help="A pretrained student: model folder or hub id.")
+    tokenizer: str | None = help_field(None, help="Tokenizer (default: name_or_path's, else the teacher's); must equal the teacher's.")
+    dtype: Literal["float32", "bfloat16", "float16"] = help_field("float32", help="The student's weights' dtype.")
+    trust_remote_code: bool = help_field(False, help="Allow model code from the hub; only for models you trust.")
+    attn_implementation: str | None = help_field(None, help="'sdpa', 'eager', ... (default: transformers' choice).")
+
+    def problems(self) -> list[str]:
+        out = []
+        given = [k for k, v in (("init", self.init), ("config", self.config), ("name_or_path", self.name_or_path)) if v]
+        if len(given) != 1:
+            out.append("init / config / name_or_path: give exactly one (init: teacher_layers, a config to build from, "
+                       f"or a model to load){'; got ' + ', '.join(given) if given else ''}")
+        if self.every_k is not None and self.init != "teacher_layers":
+            out.append("every_k: only read by init teacher_layers; remove it")
+        if self.every_k is not None and self.every_k < 1:
+            out.append(f"every_k: must be >= 1, got {self.every_k}")
+        if self.config and "model_type" not in self.config:
+            out.append("config.model_type: required when building from a config (e.g. llama)")
+        if self.name_or_path and _looks_local(self.name_or_path) and not Path(self.name_or_path).exists():
+            out.append(f"name_or_path: '{self.name_or_path}' does not exist; give an existing model folder or a hub id")
+        if self.tokenizer and _looks_local(self.tokenizer) and not Path(self.tokenizer).exists():
+            out.append(f"tokenizer: '{self.tokenizer}' does not exist; give a tokenizer folder or a hub id")
+        return out
+
+
+KLKind = Literal["forward", "reverse", "symmetric", "jsd", "skew", "skew_reverse"]
+assert set(KLKind.__args__) == set(SOFT_TARGET_KINDS)  # the recipe offers exactly what kd.py computes
+
+
+@dataclasses.dataclass
+class DistillConfig:
+    mode: Literal["live", "cached"] = help_field("live", help="live: the teacher runs every step; cached: its top-k log-probs are written once and read back.")
+    kl: KLKind = help_field("forward", help="Soft-target divergence: forward, reverse, symmetric, jsd, skew, skew_reverse (cached: forward).")
+    temperature: float = help_field(1.0, help="Softmax temperature T of both sides; the KD term is scaled by T**2.")
+    alpha_ce: float = help_field(0.5, help="Weight of the hard-label cross-entropy (0: pure distillation).")
+    weight_kd: float = help_field(0.5, help="Weight of the soft-target divergence (0: a CE-only control run, no teacher forward).")
+    beta: float | None = help_field(None, help=f"kl jsd: the mixture weight beta in [0, 1] (default {DEFAULT_BETA}).")
+    skew_alpha: float | None = help_field(None, help=f"kl skew / skew_reverse: the skew alpha in [0, 1] (default {DEFAULT_SKEW_ALPHA}).")
+    hidden: Literal["mse", "cosine"] | None = help_field(None, help="Hidden-state loss between mapped layers (live mode; null: none).")
+    hidden_weight: float | None = help_field(None, help="hidden: its weight (default 1.0).")
+    layer_map: list[list[int]] | None = help_field(
+        None, help="hidden: [[student, teacher], ...] indices into hidden_states (0 = embeddings, i = block i); null: uniform map.")
+    top_k: int | None = help_field(None, help=f"mode cached: teacher tokens kept per position (default {DEFAULT_TOP_K}).")
+    cache_dir: str | None = help_field(None, help="mode cached: the top-k cache folder (default <output_dir>/kd_cache; reused when it matches).")
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.temperature > 0:
+            out.append(f"temperature: must be > 0, got {self.temperature}")
+        for key in ("alpha_ce", "weight_kd", "hidden_weight"):
+            v = getattr(self, key)
+            if v is not None and v < 0:
+                out.append(f"{key}: must be >= 0, got {v}")
+        if self.alpha_ce == 0 and self.weight_kd == 0 and self.hidden is None:
+            out.append("alpha_ce / weight_kd: both 0 leaves nothing to train; set one > 0")
+        if self.beta is not None:
+            if self.kl != "jsd":
+                out.append(f"beta: only read by kl jsd, not '{self.kl}'; remove it")
+            elif not 0 <= self.beta <= 1:
+                out.append(f"beta: must be in [0, 1], got {self.beta}")
+        if self.skew_alpha is not None:
+            if self.kl not in ("skew", "skew_reverse"):
+                out.append(f"skew_alpha: only read by kl skew / skew_reverse, not '{self.kl}'; remove it")
+            elif not 0 <= self.skew_alpha <= 1:
+                out.append(f"skew_alpha: must be in [0, 1], got {self.skew_alpha}")
+        if self.hidden is None:
+            out += [f"{key}: only read with hidden mse / cosine, not null; remove it or set distill.hidden"
+                    for key in ("hidden_weight", "layer_map") if getattr(self, key) is not None]
+        for pair in self.layer_map or []:
+            if len(pair) != 2:
+                out.append(f"layer_map: {pair} is not a [student, teacher] pair")
+        if self.mode == "cached":
+            if self.kl != "forward":
+                out.append(f"kl: mode cached trains forward KL against the top-k targets, not '{self.kl}'; "
+                           "set distill.kl=forward or distill.mode=live")
+            if self.hidden is not None:
+                out.append("hidden: needs the teacher's hidden states, which mode cached does not keep; use distill.mode=live")
+            if self.top_k is not None and self.top_k < 1:
+                out.append(f"top_k: must be >= 1, got {self.top_k}")
+        else:
+            out += [f"{key}: only read by mode cached, not 'live'; remove it"
+                    for key in ("top_k", "cache_dir") if getattr(self, key) is not None]
+        return out
+
+
+@dataclasses.dataclass
+class Config(TrainingRecipe):
+    STAGE: ClassVar[str] = "distill"
+    teacher: TeacherConfig = nested(TeacherConfig)
+    student: StudentConfig = nested(StudentConfig)
+    data: LMDataConfig = nested(LMDataConfig)
+    distill: DistillConfig = nested(DistillConfig)
+
+    def problems(self) -> list[str]:
+        out = super().problems()
+        tc = self.train
+        pretrain_only = {
+            "train.objective": tc.objective != "causal", "train.label_smoothing": tc.label_smoothing != 0,
+            "train.curriculum.min_length": tc.curriculum.min_length is not None,
+            "train.dropout": any(v is not None for v in (tc.dropout.embedding, tc.dropout.attention, tc.dropout.hidden)),
+        }
+        out += [f"{key}: not used by distill (a pretrain setting); remove it from the recipe"
+                for key, is_set in pretrain_only.items() if is_set]
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _load_tokenizer(name: str, trust_remote_code: bool, key: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{key}: cannot load a tokenizer from '{name}' ({str(e).splitlines()[0]})") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _from_pretrained(name: str, key: str, dtype: str, trust_remote_code: bool, attn: str | None):
+    from transformers import AutoModelForCausalLM
+
+    kw: dict[str, Any] = {"dtype": torch_dtype(dtype), "trust_remote_code": trust_remote_code}
+    if attn:
+        kw["attn_implementation"] = attn
+    try:
+        return AutoModelForCausalLM.from_pretrained(name, **kw)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{key}: cannot load '{name}' as a causal LM ({str(e).splitlines()[0]})") from None
+
+
+def load_teacher(cfg: TeacherConfig, device) -> torch.nn.Module:
+    """The frozen teacher: eval mode, no gradients, on ``device``; never prepared by accelerate."""
+    teacher = _from_pretrained(cfg.name_or_path, "teacher.name_or_path", cfg.dtype, cfg.trust_remote_code,
+                               cfg.attn_implementation)
+    teacher.requires_grad_(False)
+    return teacher.eval().to(device)
+
+
+def _teacher_hf_config(cfg: TeacherConfig):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"teacher.name_or_path: cannot read a model config from '{cfg.name_or_path}' "
+                        f"({str(e).splitlines()[0]})") from None
+
+
+def _text_config(hf_config):
+    return hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+
+
+def n_layers(hf_config) -> int:
+    c = _text_config(hf_config)
+    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(getattr(c, attr, None), int):
+            return getattr(c, attr)
+    raise UserError(f"distill: cannot tell how many layers a {type(c).__name__} has")
+
+
+def hidden_width(hf_config) -> int:
+    c = _text_config(hf_config)
+    for attr in ("hidden_size", "n_embd", "d_model"):
+        if isinstance(getattr(c, attr, None), int):
+            return getattr(c, attr)
+    raise UserError(f"distill: cannot tell the hidden width of a {type(c).__name__}")
+
+
+def vocab_rows(model: torch.nn.Module) -> int:
+    """Columns of the model's logits (the LM head's rows, padding included)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and getattr(head, "weight", None) is not None:
+        return head.weight.shape[0]
+    return _text_config(model.config).vocab_size
+
+
+def build_student(cfg: StudentConfig, tokenizer, teacher: torch.nn.Module | None) -> torch.nn.Module:
+    if cfg.init == "teacher_layers":
+        student = student_from_teacher_layers(teacher, cfg.every_k or 2)
+        student.to(torch_dtype(cfg.dtype))
+    elif cfg.config:
+        mc = ModelConfig(config=cfg.config, tokenizer="-", dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+                         attn_implementation=cfg.attn_implementation)
+        try:
+            student = load_causal_lm(mc, tokenizer)
+        except UserError as e:
+            raise UserError([p.replace("model.", "student.", 1) for p in e.problems]) from None
+    else:
+        student = _from_pretrained(cfg.name_or_path, "student.name_or_path", cfg.dtype, cfg.trust_remote_code,
+                                   cfg.attn_implementation)
+    student.requires_grad_(True)
+    return student.train()
+
+
+def attach_projection(student: torch.nn.Module, projection: torch.nn.Module) -> None:
+    """Make the projection a student submodule (optimized, synced, checkpointed) that save_pretrained skips."""
+    p = next(student.parameters())
+    student.add_module(PROJECTION, projection.to(device=p.device, dtype=p.dtype))
+    keys = set(getattr(student, "_keys_to_ignore_on_save", None) or ())
+    keys.update(f"{PROJECTION}.{name}" for name, _ in projection.named_parameters())
+    student._keys_to_ignore_on_save = keys
+
+
+# ---------------------------------------------------------------------------------------------
+# The top-k cache
+
+
+def _hash_file(h, path: Path) -> None:
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+
+
+def teacher_fingerprint(cfg: TeacherConfig) -> dict[str, str]:
+    """{'path', 'hash'}: sha256 over the teacher's config.json and every weight file (contents), and its dtype."""
+    path = Path(cfg.name_or_path)
+    if not path.is_dir():
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(cfg.name_or_path, allow_patterns=["*.json", "*.safetensors", "*.bin"]))
+    files = sorted(p for p in path.iterdir() if p.name == "config.json" or p.suffix in (".safetensors", ".bin"))
+    if not any(p.suffix in (".safetensors", ".bin") for p in files):
+        raise UserError(f"teacher.name_or_path: '{path}' holds no weight files (*.safetensors, *.bin)")
+    h = hashlib.sha256(f"dtype={cfg.dtype}".encode())
+    for p in files:
+        h.update(p.name.encode())
+        _hash_file(h, p)
+    return {"path": str(path.resolve()), "hash": h.hexdigest()}
+
+
+def data_fingerprint(train_ds) -> str:
+    """sha256 of the training blocks' token ids, in order (the cache rows are aligned with them)."""
+    import numpy as np
+
+    table = train_ds.with_format(None).flatten_indices().data if getattr(train_ds, "_indices", None) is not None \
+        else train_ds.data
+    col = table.column("input_ids")
+    h = hashlib.sha256(f"rows={len(train_ds)}".encode())
+    for chunk in col.chunks:
+        h.update(np.ascontiguousarray(chunk.flatten().to_numpy(zero_copy_only=False).astype(np.int64)).tobytes())
+    return h.hexdigest()
+
+
+def cache_fingerprint(cfg: Config, train_ds, vocab: int) -> dict[str, Any]:
+    return {"teacher": teacher_fingerprint(cfg.teacher), "data": data_fingerprint(train_ds),
+            "top_k": cfg.distill.top_k or DEFAULT_TOP_K, "temperature": cfg.distill.temperature, "vocab": vocab,
+            "rows": len(train_ds), "block_size": len(train_ds[0]["input_ids"])}
+
+
+def cache_path(cfg: Config) -> Path:
+    return Path(cfg.distill.cache_dir) if cfg.distill.cache_dir else Path(cfg.output_dir) / "kd_cache"
+
+
+def cache_state(folder: Path, fingerprint: dict[str, Any]) -> str:
+    """'ok' (a matching cache), 'absent' (build it); a one-line UserError for any other folder."""
+    if not folder.exists() or (folder.is_dir() and not any(folder.iterdir())):
+        return "absent"
+    meta_file = folder / CACHE_META
+    if not meta_file.is_file():
+        raise UserError(f"distill.cache_dir: '{folder}' exists but holds no top-k cache ({CACHE_META}); "
+                        "remove it or point distill.cache_dir at another folder")
+    made = json.loads(meta_file.read_text()).get("fingerprint", {})
+    names = {"teacher": "teacher", "data": "training data", "rows": "training data", "block_size": "data.block_size",
+             "top_k": "distill.top_k", "temperature": "distill.temperature", "vocab": "vocabulary"}
+    diff, seen = [], set()
+    for key, what in names.items():
+        if made.get(key) != fingerprint[key] and what not in seen:
+            seen.add(what)
+            mine, theirs = fingerprint[key], made.get(key)
+            if key == "teacher":
+                mine, theirs = mine["path"], (theirs or {}).get("path")
+                if mine == theirs:
+                    mine, theirs = "these weights", "other weights"
+            elif key in ("data", "rows"):
+                mine, theirs = "these blocks", "other blocks"
+            diff.append(f"{what} ({theirs} there, {mine} here)")
+    if diff:
+        raise UserError(f"distill.cache_dir: '{folder}' was made for another {'; '.join(diff)}; delete it or set "
+                        "distill.cache_dir to a new folder")
+    return "ok"
+
+
+@torch.inference_mode()
+def build_cache(folder: Path, teacher, train_ds, fingerprint: dict[str, Any], batch_size: int, device) -> None:
+    """One teacher pass over the training blocks in order: top-k log-probs per position -> ``folder``
+    (a ``save_to_disk`` dataset with columns kd_values, kd_indices, kd_rest, and ``kd_cache.json``).
+    Written to ``folder.tmp`` and renamed when complete."""
+    import datasets
+    import numpy as np
+    import pyarrow as pa
+    from datasets.arrow_writer import ArrowWriter
+    from tqdm.auto import tqdm
+
+    k, temperature, vocab = fingerprint["top_k"], fingerprint["temperature"], fingerprint["vocab"]
+    tmp, scratch = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".scratch")
+    for p in (tmp, scratch):
+        if p.exists():
+            shutil.rmtree(p)
+    scratch.mkdir(parents=True)
+
+    def fixed(arr: np.ndarray) -> pa.Array:  # (rows, d1, ..., dn) -> nested fixed-size lists
+        out = pa.array(np.ascontiguousarray(arr).reshape(-1))
+        for width in reversed(arr.shape[1:]):
+            out = pa.FixedSizeListArray.from_arrays(out, width)
+        return out
+
+    writer = ArrowWriter(path=str(scratch / "rows.arrow"))
+    ids_all = train_ds.with_format("torch")
+    for start in tqdm(range(0, len(train_ds), batch_size), desc="teacher top-k cache"):
+        ids = ids_all[start:start + batch_size]["input_ids"].to(device)  # (b, seq)
+        logits = teacher(input_ids=ids, use_cache=False).logits[..., :vocab]  # (b, seq, vocab)
+        values, indices, rest = topk_logprobs(logits, k, temperature)  # (b, seq, k) x2, (b, seq)
+        writer.write_table(pa.Table.from_arrays(
+            [fixed(values.cpu().numpy()), fixed(indices.int().cpu().numpy()), fixed(rest.cpu().numpy())],
+            names=list(CACHE_COLUMNS)))
+    writer.finalize()
+    ds = datasets.Dataset.from_file(str(scratch / "rows.arrow"))
+    ds.save_to_disk(str(tmp))
+    del ds
+    (tmp / CACHE_META).write_text(json.dumps({"fingerprint": fingerprint}, indent=1))
+    shutil.rmtree(scratch)
+    if folder.exists():
+        shutil.rmtree(folder)  # only an empty folder reaches here (cache_state)
+    tmp.rename(folder)
+
+
+def load_cache(folder: Path):
+    import datasets
+
+    return datasets.load_from_disk(str(folder))
+
+
+def with_cache(train_ds, cache):
+    """The training blocks with their cached targets as extra columns (row i <-> block i)."""
+    import datasets
+
+    if len(cache) != len(train_ds):
+        raise UserError(f"distill.cache_dir: the cache has {len(cache)} rows for {len(train_ds)} training blocks; delete it")
+    blocks = train_ds.with_format(None).select_columns(["input_ids"])
+    return datasets.concatenate_datasets([blocks, cache.select_columns(list(CACHE_COLUMNS))], axis=1).with_format("torch")
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def _resume_step(cfg: Config) -> int:
+    """The step loop.run will resume from (the same rule as the loop), for the per-part log."""
+    root = Path(cfg.output_dir) / "checkpoints"
+    path = checkpoint.latest(root) if cfg.resume == "auto" else None if cfg.resume == "none" else Path(cfg.resume)
+    if path is None or not (path / checkpoint.LOOP_STATE).is_file():
+        return 0
+    return int(json.loads((path / checkpoint.LOOP_STATE).read_text())["step"])
+
+
+def main(cfg: Config) -> loop.RunResult:
+    return train(cfg)[0]
+
+
+def train(cfg: Config) -> tuple[loop.RunResult, torch.nn.Module, Any]:
+    """The whole stage; returns (result, trained student, tokenizer) for tests."""
+    acc = loop.setup(cfg)
+    if is_sharded(acc):
+        raise UserError("distill: ZeRO-3 / FSDP shard the student, and the frozen teacher would need its own sharded "
+                        "inference engine, which lmforge does not build yet; use ddp, multi_cpu or deepspeed_zero1/2")
+    d, t, s = cfg.distill, cfg.teacher, cfg.student
+
+    # ---- tokenizer: the teacher's; the student's own must be identical ----
+    t_tok_name = t.tokenizer or t.name_or_path
+    tokenizer = _load_tokenizer(t_tok_name, t.trust_remote_code, "teacher.tokenizer" if t.tokenizer else "teacher.name_or_path")
+    s_tok_name = s.tokenizer or s.name_or_path or t_tok_name
+    if s_tok_name != t_tok_name:
+        student_tok = _load_tokenizer(s_tok_name, s.trust_remote_code, "student.tokenizer" if s.tokenizer else "student.name_or_path")
+        check_same_tokenizer(student_tok, tokenizer)
+
+    # ---- data: packed blocks ----
+    with acc.main_process_first():
+        train_ds, val_ds = build_lm_datasets(cfg.data, tokenizer, cfg.seed)
+
+    # ---- teacher (live mode or a student built from it) and student ----
+    t_config = _teacher_hf_config(t)
+    teacher = load_teacher(t, acc.device) if d.mode == "live" or s.init == "teacher_layers" else None
+    student = build_student(s, tokenizer, teacher)
+    n_student, n_teacher = n_layers(student.config), n_layers(t_config)
+    t_rows = vocab_rows(teacher) if teacher is not None else _text_config(t_config).vocab_size
+    vocab = shared_vocab_size(vocab_rows(student), t_rows, len(tokenizer))
+    pairs = layer_map(n_student, n_teacher, [tuple(p) for p in d.layer_map] if d.layer_map else None) if d.hidden else []
+    projection = None
+    if d.hidden:
+        projection = make_projection(hidden_width(student.config), hidden_width(t_config))
+        if projection is not None:
+            attach_projection(student, projection)
+
+    # ---- cached mode: the teacher's top-k targets, built once, then no teacher ----
+    cache_info = None
+    if d.mode == "cached":
+        folder = cache_path(cfg)
+        with acc.main_process_first():
+            fingerprint = cache_fingerprint(cfg, train_ds, vocab)
+            state = cache_state(folder, fingerprint)
+            if state == "absent":
+                if teacher is None:
+                    teacher = load_teacher(t, acc.device)
+                log.info("distill: writing the teacher's top-%d cache to %s", fingerprint["top_k"], folder)
+                build_cache(folder, teacher, train_ds, fingerprint, cfg.eval.per_device_eval_batch_size, acc.device)
+            cache = load_cache(folder)
+        train_ds = with_cache(train_ds, cache)
+        cache_info = {"cache_dir": str(folder), "reused": state == "ok", "top_k": fingerprint["top_k"],
+                      "teacher_hash": fingerprint["teacher"]["hash"], "data_hash": fingerprint["data"]}
+        teacher = None  # training never touches it
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if acc.is_main_process:
+        print(f"distill ({d.mode}, kl {d.kl}, T={d.temperature}): teacher {n_teacher} layers -> student {n_student} layers; "
+              f"vocab {vocab}" + (f"; hidden {d.hidden} on {len(pairs)} layer pairs" if d.hidden else "")
+              + (", with a projection" if projection is not None else ""))
+
+    # ---- the task and the loop ----
+    parts = KDParts(cfg.train.gradient_accumulation_steps, cfg.log.log_every, cfg.train.stop_at_step or cfg.train.max_steps,
+                    _resume_step(cfg))
+    task = KD(teacher, seq_len=cfg.data.block_size, vocab=vocab, kind=d.kl, temperature=d.temperature,
+              alpha_ce=d.alpha_ce, weight_kd=d.weight_kd, beta=DEFAULT_BETA if d.beta is None else d.beta,
+              skew_alpha=DEFAULT_SKEW_ALPHA if d.skew_alpha is None else d.skew_alpha, hidden=d.hidden,
+              hidden_weight=1.0 if d.hidden_weight is None else d.hidden_weight, layer_pairs=pairs,
+              projection=projection, cached=d.mode == "cached", parts=parts)
+    provenance = {"teacher": t.name_or_path, "teacher_layers": n_teacher, "student_layers": n_student,
+                  "student_init": s.init or ("config" if s.config else "pretrained"), "vocab": vocab,
+                  **dataclasses.asdict(d), "layer_pairs": pairs, "cache": cache_info}
+    result = loop.run(acc, cfg, student, task, train_ds, val_ds, tokenizer=tokenizer, end_training=False,
+                      extra_files={"distill.json": json.dumps(provenance, indent=1)})
+
+    # ---- the parts of the loss, the teacher's own validation loss, the projection ----
+    rows = _part_rows(acc, parts)
+    teacher_eval = None
+    if teacher is not None and val_ds is not None:
+        teacher_eval = evaluate(acc, teacher, val_ds, task, cfg.eval.per_device_eval_batch_size, cfg.eval.max_eval_batches)
+    out = result.output_dir
+    if acc.is_main_process:
+        _write_part_rows(out / "distill_metrics.jsonl", rows, parts.start_step)
+        if projection is not None:
+            from safetensors.torch import save_file
+
+            save_file({"weight": projection.weight.detach().float().cpu().contiguous()}, str(out / "kd_projection.safetensors"),
+                      metadata={"student_width": str(projection.in_features), "teacher_width": str(projection.out_features)})
+        summary_path = out / "summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+        summary["distill"] = {**provenance, "last": rows[-1] if rows else None, "teacher_eval": teacher_eval,
+                              "projection": "kd_projection.safetensors" if projection is not None else None}
+        summary_path.write_text(json.dumps(summary, indent=1))
+    acc.wait_for_everyone()
+    acc.end_training()
+
+    if acc.is_main_process:
+        last = rows[-1] if rows else {}
+        print(f"\ndistill done: {result.step} steps, train loss {result.train_loss:.4f}"
+              + (f" (ce {last['ce']:.4f}, kd {last['kd']:.4f}" + (f", hidden {last['hidden']:.4f}" if d.hidden else "") + ")"
+                 if last else "")
+              + (f", eval CE {result.eval['loss']:.4f} (ppl {result.eval['perplexity']:.2f})" if result.eval else "")
+              + (f"; teacher eval CE {teacher_eval['loss']:.4f}" if teacher_eval else ""))
+        print(f"  student: {result.final_dir}")
+        print(f"  metrics: {out / 'metrics.jsonl'}, {out / 'distill_metrics.jsonl'}")
+    return result, student, tokenizer
+
+
+def _part_rows(acc, parts: KDParts) -> list[dict[str, float]]:
+    """Per logged step: ce, kd, hidden per loss token over the whole global batch window (all ranks)."""
+    if not parts.rows:
+        return []
+    sums = acc.reduce(torch.stack([r for _, r in parts.rows]).to(acc.device), reduction="sum").cpu()  # (rows, 4)
+    return [{"step": step, "ce": float(v[0] / v[3].clamp_min(1)), "kd": float(v[1] / v[3].clamp_min(1)),
+             "hidden": float(v[2] / v[3].clamp_min(1)), "tokens": float(v[3])}
+            for (step, _), v in zip(parts.rows, sums)]
+
+
+def _write_part_rows(path: Path, rows: list[dict[str, float]], start_step: int) -> None:
+    kept = []
+    if start_step and path.exists():  # a resumed run: keep the rows up to the checkpoint
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
+    lines = kept + [json.dumps({k: (v if math.isfinite(v) else None) if isinstance(v, float) else v for k, v in r.items()})
+                    for r in rows]
+    path.write_text("\n".join(lines) + ("\n" if lines else ""))
