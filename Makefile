@@ -22,7 +22,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export LMFORGE_CACHE ?= $(CURDIR)/.cache/lmforge
 
-.PHONY: setup test test-slow test-layouts test-all lint demo data pretrain pretrain-llrd pretrain-mlm finetune plan bench constraints clean
+.PHONY: setup test test-slow test-layouts test-all lint demo data pretrain pretrain-llrd pretrain-mlm finetune distill plan bench constraints clean
 
 setup: $(STAMP)
 
@@ -60,10 +60,13 @@ demo: setup
 	$(BIN)/lmforge pretrain recipes/tiny/pretrain.yaml overwrite=true data.path=outputs/tiny/data/dataset \
 	    data.train_files=[] model.tokenizer=outputs/tiny/data/tokenizer
 	$(BIN)/lmforge finetune recipes/tiny/finetune_lora.yaml overwrite=true
+	$(BIN)/lmforge distill recipes/tiny/distill.yaml overwrite=true data.path=outputs/tiny/data/dataset data.train_files=[] \
+	    student.tokenizer=outputs/tiny/data/tokenizer
 	@echo; echo "demo outputs:"; \
 	echo "  data:      outputs/tiny/data/ (dataset/, tokenizer/, report.md, *.png)"; \
 	echo "  pretrain:  outputs/tiny/pretrain/ (final/, metrics.jsonl, training_curves.png, report.md)"; \
-	echo "  finetune:  outputs/tiny/finetune_lora/ (final/ adapter, metrics.jsonl, training_curves.png)"
+	echo "  finetune:  outputs/tiny/finetune_lora/ (final/ adapter, metrics.jsonl, training_curves.png)"; \
+	echo "  distill:   outputs/tiny/distill/ (final/ half-depth student, metrics.jsonl, distill_metrics.jsonl)"
 
 data: setup
 	$(BIN)/lmforge data recipes/tiny/data.yaml overwrite=true
@@ -73,6 +76,10 @@ pretrain: setup
 
 finetune: setup
 	$(BIN)/lmforge finetune recipes/tiny/finetune_lora.yaml overwrite=true
+
+distill: setup
+	test -d outputs/tiny/pretrain/final || $(BIN)/lmforge pretrain recipes/tiny/pretrain.yaml overwrite=true
+	$(BIN)/lmforge distill recipes/tiny/distill.yaml overwrite=true
 
 pretrain-llrd: setup
 	$(BIN)/lmforge pretrain recipes/tiny/pretrain_llrd.yaml overwrite=true
