@@ -5,6 +5,7 @@ process to the same logits. Methods that cannot run here skip with the reason av
 from __future__ import annotations
 
 import copy
+import os
 import subprocess
 import sys
 import textwrap
@@ -13,8 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import subprocess_env
-from test_quant_measure import eval_batches, tiny_config, trained_tiny
+from test_quant_measure import (
+    eval_batches,
+    single_thread,  # noqa: F401  (autouse: torch on one thread)
+    tiny_config,
+    trained_tiny,
+)
 from transformers import LlamaForCausalLM
 
 from lmforge.config import UserError
@@ -22,8 +27,9 @@ from lmforge.quant import measure, methods
 
 INT4 = {"int4_weight_only", "quanto_int4", "bnb_nf4"}
 # Perplexity of the original is about 7.6 (zeroing every linear layer but lm_head gives about 21).
-PPL_BOUND = {"int8": 1.03, "int4": 1.15}
-TOP1_BOUND = {"int8": 0.95, "int4": 0.85}
+# Seen on an AVX2 CPU: int8 within 0.1% of it, int4 within 0.6%; top-1 agreement 0.997 / 0.973.
+PPL_BOUND = {"int8": 1.02, "int4": 1.06}
+TOP1_BOUND = {"int8": 0.97, "int4": 0.9}
 BYTES_BOUND = {"int8": 0.3, "int4": 0.2}  # quantized layers' bytes / the same layers in fp32
 
 
@@ -93,6 +99,8 @@ def test_method_shrinks_the_linear_layers_and_keeps_perplexity(name, dense, quan
     ratio = sizes.quantized / sum(fp32[n] for n in linears)
     assert ratio <= BYTES_BOUND[kind(name)], f"{name}: quantized layers are {ratio:.3f}x their fp32 bytes"
     assert sizes.other == sum(b for n, b in fp32.items() if n not in linears)
+    # the save folder holds what parameter_bytes counted (packed tensors included), plus small json files
+    assert abs(measure.dir_size(run.saved) - sizes.total) < 0.05 * sizes.total
 
     ppl, ppl_q = measure.perplexity(model, eval_batches()), measure.perplexity(run.model, eval_batches())
     assert ppl_q <= ppl * PPL_BOUND[kind(name)], f"{name}: perplexity {ppl_q:.3f} vs {ppl:.3f}"
@@ -120,13 +128,24 @@ def test_save_folders_reload_in_a_fresh_process_to_the_same_logits(quantized, tm
     if not runs:
         pytest.skip("no quantization method can run here")
     torch.save(eval_batches()[0], tmp_path / "ids.pt")
+    # The same PATH as this process: quanto's kernel is (re)built by whichever ninja is first on PATH,
+    # and ninja 1.11 and 1.13 read each other's build log as "command changed", rebuilding (minutes).
     folders = [str(r.saved) for r in runs.values()]
     subprocess.run([sys.executable, "-c", RELOAD, str(torch.get_num_threads()), str(tmp_path / "ids.pt"),
-                    str(tmp_path / "logits.pt"), *folders], check=True, env=subprocess_env())
+                    str(tmp_path / "logits.pt"), *folders], check=True, env=dict(os.environ))
     reloaded = torch.load(tmp_path / "logits.pt")
     for name, run in runs.items():
         assert torch.equal(reloaded[str(run.saved)], run.logits), f"{name}: reloaded logits differ"
         assert (run.saved / "quant.json").is_file() and (run.saved / "config.json").is_file()
+
+
+def test_in_memory_methods_also_take_a_saved_folder(dense, quantized):
+    _, folder = dense
+    if methods.available("int8_weight_only"):
+        pytest.skip(methods.available("int8_weight_only"))
+    q = methods.quantize("int8_weight_only", folder)
+    with torch.no_grad():
+        assert torch.equal(q(eval_batches()[0]).logits, quantized("int8_weight_only").logits)
 
 
 def test_a_missing_library_is_reported_with_the_extra_to_install(monkeypatch):
