@@ -206,14 +206,7 @@ class Config(TrainingRecipe):
 
     def problems(self) -> list[str]:
         out = super().problems()
-        tc = self.train
-        pretrain_only = {
-            "train.objective": tc.objective != "causal", "train.label_smoothing": tc.label_smoothing != 0,
-            "train.curriculum.min_length": tc.curriculum.min_length is not None,
-            "train.dropout": any(v is not None for v in (tc.dropout.embedding, tc.dropout.attention, tc.dropout.hidden)),
-        }
-        out += [f"{key}: not used by distill (a pretrain setting); remove it from the recipe"
-                for key, is_set in pretrain_only.items() if is_set]
+        out += self.pretrain_only_problems()
         return out
 
 

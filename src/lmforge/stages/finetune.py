@@ -87,15 +87,7 @@ class Config(TrainingRecipe):
             out.append(f"data.packing: peft.method={self.peft.method} prepends virtual tokens to every row, which packed "
                        "examples cannot share; set data.packing=false (length-grouped batching is used instead)")
         # train.* keys the pretraining objective reads but fine-tuning does not: refuse rather than ignore.
-        tc = self.train
-        pretrain_only = {
-            "train.objective": tc.objective != "causal", "train.label_smoothing": tc.label_smoothing != 0,
-            "train.curriculum.min_length": tc.curriculum.min_length is not None,
-            "train.dropout": any(v is not None for v in (tc.dropout.embedding, tc.dropout.attention, tc.dropout.hidden)),
-        }
-        for key, is_set in pretrain_only.items():
-            if is_set:
-                out.append(f"{key}: not used by finetune (a pretrain setting); remove it from the recipe")
+        out += self.pretrain_only_problems()
         if self.export.merge and not m.mergeable:
             out.append(f"export.merge: peft.method={self.peft.method} has nothing to merge into the base weights; "
                        f"merge works for {MERGEABLE_HINT}")

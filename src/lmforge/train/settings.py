@@ -106,3 +106,15 @@ class TrainingRecipe(RunConfig):
     eval: EvalConfig = nested(EvalConfig)
     checkpoint: CheckpointConfig = nested(CheckpointConfig)
     log: LogConfig = nested(LogConfig)
+
+    def pretrain_only_problems(self) -> list[str]:
+        """For stages other than pretrain: the ``train.*`` keys only the pretraining objective reads, refused
+        when set (a stage that ignored them would silently train something else)."""
+        tc = self.train
+        pretrain_only = {
+            "train.objective": tc.objective != "causal", "train.label_smoothing": tc.label_smoothing != 0,
+            "train.curriculum.min_length": tc.curriculum.min_length is not None,
+            "train.dropout": any(v is not None for v in (tc.dropout.embedding, tc.dropout.attention, tc.dropout.hidden)),
+        }
+        return [f"{key}: not used by {self.STAGE} (a pretrain setting); remove it from the recipe"
+                for key, is_set in pretrain_only.items() if is_set]

@@ -107,6 +107,7 @@ class Task:
 
 class CausalLM(Task):
     name = "causal_lm"
+    token_loss_fn = staticmethod(next_token_loss)  # labels shifted by one
 
     def __init__(self, seq_len: int = 0, label_smoothing: float = 0.0, **kw: Any):
         super().__init__(seq_len, **kw)
@@ -115,21 +116,15 @@ class CausalLM(Task):
     def loss(self, model, batch):
         logits = model(**_model_inputs(batch)).logits  # (batch, seq, vocab)
         # accuracy (an argmax over the vocabulary) only in eval, where it is reported; smoothing only in training
-        return next_token_loss(logits, batch["labels"], self.label_smoothing if model.training else 0.0,
-                               accuracy=not model.training)
+        return self.token_loss_fn(logits, batch["labels"], self.label_smoothing if model.training else 0.0,
+                                  accuracy=not model.training)
 
 
-class MaskedLM(Task):
+class MaskedLM(CausalLM):
+    """The same, at the masked positions themselves (no shift)."""
+
     name = "masked_lm"
-
-    def __init__(self, seq_len: int = 0, label_smoothing: float = 0.0, **kw: Any):
-        super().__init__(seq_len, **kw)
-        self.label_smoothing = label_smoothing
-
-    def loss(self, model, batch):
-        logits = model(**_model_inputs(batch)).logits  # (batch, seq, vocab)
-        return token_loss(logits, batch["labels"], self.label_smoothing if model.training else 0.0,
-                          accuracy=not model.training)
+    token_loss_fn = staticmethod(token_loss)
 
     def count_tokens(self, batch):
         return (batch["labels"] != -100).sum()
