@@ -22,7 +22,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export LMFORGE_CACHE ?= $(CURDIR)/.cache/lmforge
 
-.PHONY: setup test test-slow test-layouts test-all lint demo data pretrain pretrain-llrd pretrain-mlm finetune distill plan bench constraints clean
+.PHONY: setup test test-slow test-layouts test-all lint demo data pretrain pretrain-llrd pretrain-mlm finetune distill quantize quantize-qat plan bench constraints clean
 
 setup: $(STAMP)
 
@@ -54,19 +54,22 @@ lint: setup
 	$(BIN)/ruff check src tests bench scripts
 
 # The pipeline on the tiny recipes: raw text -> cleaned, deduplicated, packed data + tokenizer ->
-# a pretrained tiny Llama -> a LoRA SFT adapter (and its merged export).
+# a pretrained tiny Llama -> a LoRA SFT adapter (and its merged export) -> a half-depth distilled student
+# -> its int8 weights with a before/after report (size, latency, perplexity) beside int8 / NF4 / Wanda results.
 demo: setup
 	$(BIN)/lmforge data recipes/tiny/data.yaml overwrite=true
 	$(BIN)/lmforge pretrain recipes/tiny/pretrain.yaml overwrite=true data.path=outputs/tiny/data/dataset \
 	    data.train_files=[] model.tokenizer=outputs/tiny/data/tokenizer
 	$(BIN)/lmforge finetune recipes/tiny/finetune_lora.yaml overwrite=true
-	$(BIN)/lmforge distill recipes/tiny/distill.yaml overwrite=true data.path=outputs/tiny/data/dataset data.train_files=[] \
-	    student.tokenizer=outputs/tiny/data/tokenizer
+	$(BIN)/lmforge distill recipes/tiny/distill.yaml overwrite=true data.path=outputs/tiny/data/dataset data.train_files=[]
+	$(BIN)/lmforge quantize recipes/tiny/quantize.yaml overwrite=true model.name_or_path=outputs/tiny/distill/final \
+	    data.path=outputs/tiny/data/dataset data.train_files=[]
 	@echo; echo "demo outputs:"; \
 	echo "  data:      outputs/tiny/data/ (dataset/, tokenizer/, report.md, *.png)"; \
 	echo "  pretrain:  outputs/tiny/pretrain/ (final/, metrics.jsonl, training_curves.png, report.md)"; \
 	echo "  finetune:  outputs/tiny/finetune_lora/ (final/ adapter, metrics.jsonl, training_curves.png)"; \
-	echo "  distill:   outputs/tiny/distill/ (final/ half-depth student, metrics.jsonl, distill_metrics.jsonl)"
+	echo "  distill:   outputs/tiny/distill/ (final/ half-depth student, metrics.jsonl, distill_metrics.jsonl)"; \
+	echo "  quantize:  outputs/tiny/quantize/ (final/ int8 student, compare/, report.md, report.png)"
 
 data: setup
 	$(BIN)/lmforge data recipes/tiny/data.yaml overwrite=true
@@ -80,6 +83,14 @@ finetune: setup
 distill: setup
 	test -d outputs/tiny/pretrain/final || $(BIN)/lmforge pretrain recipes/tiny/pretrain.yaml overwrite=true
 	$(BIN)/lmforge distill recipes/tiny/distill.yaml overwrite=true
+
+quantize: setup
+	test -d outputs/tiny/pretrain/final || $(BIN)/lmforge pretrain recipes/tiny/pretrain.yaml overwrite=true
+	$(BIN)/lmforge quantize recipes/tiny/quantize.yaml overwrite=true
+
+quantize-qat: setup
+	test -d outputs/tiny/pretrain/final || $(BIN)/lmforge pretrain recipes/tiny/pretrain.yaml overwrite=true
+	$(BIN)/lmforge quantize recipes/tiny/quantize_qat.yaml overwrite=true
 
 pretrain-llrd: setup
 	$(BIN)/lmforge pretrain recipes/tiny/pretrain_llrd.yaml overwrite=true

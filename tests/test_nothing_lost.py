@@ -136,3 +136,14 @@ def test_deepspeed_divergence_stops_before_the_engine_steps(tmp_path):
     step = int(err.split("NaN/inf at step ")[1].split(";")[0])
     saved = sorted(int(p.name.split("_")[1]) for p in (out / "checkpoints").glob("step_*"))
     assert saved and max(saved) == step - 1 and not (out / "final").exists()
+
+
+def test_a_key_newer_than_the_saved_recipe_counts_as_unchanged_at_its_default():
+    """A run made before a recipe key existed resumes, unless the key is now set away from its default."""
+    from lmforge.outputs import changed_keys
+
+    saved = {"train": {"max_steps": 10}, "data": {"path": "d"}}
+    defaults = {"train": {"max_steps": 100}, "data": {"path": None, "kind": "blocks"}}
+    assert changed_keys(saved, {"train": {"max_steps": 10}, "data": {"path": "d", "kind": "blocks"}}, defaults=defaults) == []
+    assert changed_keys(saved, {"train": {"max_steps": 10}, "data": {"path": "d", "kind": "sft"}}, defaults=defaults) == ["data.kind"]
+    assert changed_keys(saved, {"train": {"max_steps": 10}, "data": {"path": "d", "kind": "blocks"}}) == ["data.kind"]

@@ -25,7 +25,8 @@ from transformers import LlamaForCausalLM
 from lmforge.config import UserError
 from lmforge.quant import measure, methods
 
-INT4 = {"int4_weight_only", "quanto_int4", "bnb_nf4"}
+INT4 = {"int4_weight_only", "quanto_int4", "bnb_nf4", "int8_dynamic_int4_weight"}
+UNPACKED = {"int8_dynamic_int4_weight"}  # int4 values held one per int8 byte on CPU: int8's size, int4's error
 # Perplexity of the original is about 7.6 (zeroing every linear layer but lm_head gives about 21).
 # Seen on an AVX2 CPU: int8 within 0.1% of it, int4 within 0.6%; top-1 agreement 0.997 / 0.973.
 PPL_BOUND = {"int8": 1.02, "int4": 1.06}
@@ -97,7 +98,7 @@ def test_method_shrinks_the_linear_layers_and_keeps_perplexity(name, dense, quan
     assert run.model.lm_head.weight.dtype == torch.float32 and not measure.is_quantized(run.model.lm_head)
     fp32 = measure.parameter_bytes(model).layers
     ratio = sizes.quantized / sum(fp32[n] for n in linears)
-    assert ratio <= BYTES_BOUND[kind(name)], f"{name}: quantized layers are {ratio:.3f}x their fp32 bytes"
+    assert ratio <= BYTES_BOUND["int8" if name in UNPACKED else kind(name)], f"{name}: quantized layers are {ratio:.3f}x their fp32 bytes"
     assert sizes.other == sum(b for n, b in fp32.items() if n not in linears)
     # the save folder holds what parameter_bytes counted (packed tensors included), plus small json files
     assert abs(measure.dir_size(run.saved) - sizes.total) < 0.05 * sizes.total
@@ -175,8 +176,8 @@ def test_group_size_is_checked_against_every_quantized_layer():
     with pytest.raises(UserError) as err:
         methods.quantize("int4_weight_only", model, methods.QuantSettings(group_size=64))
     assert err.value.problems == [
-        f"group_size: 64 does not divide the input width of model.layers.{i}.mlp.down_proj (in_features=160)"
-        for i in range(2)
+        "group_size: 64 does not divide the input width of 2 layer(s): model.layers.0.mlp.down_proj (160), "
+        "model.layers.1.mlp.down_proj (160); use group_size 32 or add them to skip_modules"
     ]
     methods.quantize("int4_weight_only", model, methods.QuantSettings(group_size=32))  # 32 divides 128 and 160
 

@@ -145,12 +145,21 @@ def flat(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def changed_keys(saved: dict, now: dict, allowed: tuple[str, ...] = RESUMABLE_CHANGES) -> list[str]:
-    """Recipe keys whose value differs between a saved recipe and the current one (``allowed`` prefixes aside)."""
-    a, b = flat(saved), flat(now)
+def changed_keys(saved: dict, now: dict, allowed: tuple[str, ...] = RESUMABLE_CHANGES,
+                 defaults: dict | None = None) -> list[str]:
+    """Recipe keys whose value differs between a saved recipe and the current one (``allowed`` prefixes aside).
+    With ``defaults`` (the recipe class's own), a key the saved recipe lacks (a run made by an older lmforge,
+    before the key existed) counts as unchanged while it keeps its default."""
+    a, b, d = flat(saved), flat(now), flat(defaults or {})
     keys = sorted(set(a) | set(b))
-    return [k for k in keys if a.get(k) != b.get(k) and not any(k == p or (p.endswith(".") and k.startswith(p))
-                                                                for p in allowed)]
+
+    def same(k: str) -> bool:
+        if k not in a and k in d and b.get(k) == d[k]:
+            return True
+        return a.get(k) == b.get(k)
+
+    return [k for k in keys if not same(k) and not any(k == p or (p.endswith(".") and k.startswith(p))
+                                                       for p in allowed)]
 
 
 def read_recipe(path: Path) -> dict:

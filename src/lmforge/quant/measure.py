@@ -181,6 +181,23 @@ def top1_agreement(model_a: nn.Module, model_b: nn.Module, batches: Iterable[Any
     return same / total
 
 
+@torch.no_grad()
+def next_token_predictions(model: nn.Module, batches: Iterable[Any]) -> list[torch.Tensor]:
+    """Per batch, the model's most likely next token at each scored position (-1 where unscored)."""
+    out = []
+    for batch in batches:
+        logits, targets = _logits_and_targets(model, batch)
+        out.append(logits.argmax(-1).masked_fill(targets == -100, -1).cpu())
+    return out
+
+
+def agreement(preds_a: list[torch.Tensor], preds_b: list[torch.Tensor]) -> float:
+    """Fraction of scored positions where two :func:`next_token_predictions` agree."""
+    same = sum(int(((a == b) & (a != -1)).sum()) for a, b in zip(preds_a, preds_b, strict=True))
+    total = sum(int((a != -1).sum()) for a in preds_a)
+    return same / total
+
+
 def _logits_and_targets(model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """(batch, seq-1, vocab) float logits and the (batch, seq-1) labels they predict."""
     mask = None

@@ -11,6 +11,7 @@
 | `dynamic_int8`     | torchao                   | int8 per output row, activations int8 per token at run time | `model.pt` (torch.save state dict, loaded weights_only) |
 | `int8_weight_only` | torchao                   | int8 per output row                       | `model.pt`                                    |
 | `int4_weight_only` | torchao                   | int4 per group (32/64/128), 2 per byte    | `model.pt`                                    |
+| `int8_dynamic_int4_weight` | torchao           | int4 per group (symmetric; default 32), held one per int8 byte on CPU; activations int8 per token | `model.pt` |
 | `quanto_int8`      | optimum-quanto            | int8 per output row                       | `model.safetensors` + `quanto_map.json`       |
 | `quanto_int4`      | optimum-quanto            | int4 per group of 128 (or per row), 2 per byte | `model.safetensors` + `quanto_map.json`  |
 | `bnb_int8`         | bitsandbytes              | LLM.int8 (int8 per row)                   | `save_pretrained` (plain `from_pretrained` reloads it) |
@@ -38,7 +39,10 @@ found on an AVX2-only CPU; nothing below needs AVX-512):
   ``Int8DynamicActivationIntxWeightConfig`` with opaque_aten_kleidiai: "ATEN target requires
   torch.backends.kleidiai.is_available()" (KleidiAI is Arm-only), opaque_torchao_*: "TorchAO kernel
   library is not loaded". ``IntxWeightOnlyConfig(weight_dtype=torch.int4)`` runs but stores each
-  int4 value in an int8 (no size gain over int8), so it is not offered.
+  int4 value in an int8 (no size gain over int8), so it is not offered. ``int8_dynamic_int4_weight``
+  (``Int8DynamicActivationIntxWeightConfig``, default packing) stores its int4 values the same way, so
+  it is no smaller than int8 here either; it is offered as the convert target of 8da4w
+  quantization-aware training (``lmforge.quant.qat``) and to compare QAT with PTQ at the same bits.
 - optimum-quanto's int4 unpacking on CPU is a C++ extension compiled on first use (``quanto_cpp``,
   about 4 minutes on 2 cores, cached next to the package); int8 needs no compiled kernel.
 - bitsandbytes 0.50 runs NF4 and LLM.int8 on CPU (``device_map="cpu"``).
@@ -199,7 +203,7 @@ def _settings_problems(method: Method, settings: QuantSettings) -> list[str]:
     return []
 
 
-def _targets(model: nn.Module, settings: QuantSettings) -> dict[str, nn.Linear]:
+def target_layers(model: nn.Module, settings: QuantSettings) -> dict[str, nn.Linear]:
     """The linear layers to quantize; refuses to quantize an lm_head that shares the embedding's weight."""
     targets = linear_layers(model, settings.skip_modules)
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -212,14 +216,15 @@ def _targets(model: nn.Module, settings: QuantSettings) -> dict[str, nn.Linear]:
     return targets
 
 
-def _check_group_size(targets: dict[str, nn.Linear], group_size: int) -> None:
-    bad = [
-        f"group_size: {group_size} does not divide the input width of {name} (in_features={layer.in_features})"
-        for name, layer in targets.items()
-        if layer.in_features % group_size
-    ]
+def check_group_size(targets: dict[str, nn.Linear], group_size: int) -> None:
+    bad = {name: layer.in_features for name, layer in targets.items() if layer.in_features % group_size}
     if bad:
-        raise UserError(bad)
+        widths = sorted(set(bad.values()))
+        fits = [g for g in (32, 64, 128) if all(w % g == 0 for w in widths)]
+        shown = ", ".join(f"{n} ({w})" for n, w in list(bad.items())[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise UserError(f"group_size: {group_size} does not divide the input width of {len(bad)} layer(s): {shown}; "
+                        + (f"use group_size {fits[0]}" if fits else "keep them in full precision with skip_modules")
+                        + (" or add them to skip_modules" if fits else ""))
 
 
 def _model_dir(path: str | Path) -> Path:
@@ -277,6 +282,12 @@ def _torchao_config(name: str, settings: QuantSettings):
         return Int8DynamicActivationInt8WeightConfig(set_inductor_config=False)
     if name == "int8_weight_only":
         return Int8WeightOnlyConfig(set_inductor_config=False)
+    if name == "int8_dynamic_int4_weight":
+        from torchao.quantization import Int8DynamicActivationIntxWeightConfig
+        from torchao.quantization.granularity import PerGroup
+
+        return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
+                                                     weight_granularity=PerGroup(settings.group_size or 32))
     from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
 
     return PrototypeInt4WeightOnlyConfig(group_size=settings.group_size or 128, set_inductor_config=False)
@@ -286,9 +297,9 @@ def _torchao_quantize(name: str) -> Callable[[nn.Module, QuantSettings], nn.Modu
     def run(model: nn.Module, settings: QuantSettings) -> nn.Module:
         from torchao.quantization import quantize_
 
-        targets = _targets(model, settings)
-        if name == "int4_weight_only":
-            _check_group_size(targets, settings.group_size or 128)
+        targets = target_layers(model, settings)
+        if name in ("int4_weight_only", "int8_dynamic_int4_weight"):
+            check_group_size(targets, settings.group_size or (128 if name == "int4_weight_only" else 32))
             on = {p.device.type for layer in targets.values() for p in layer.parameters()}
             if on != {"cpu"}:
                 raise UserError(f"int4_weight_only packs weights for the CPU int4 kernel; the model is on {sorted(on)}")
@@ -327,7 +338,7 @@ def _quanto_quantize(weights: str) -> Callable[[nn.Module, QuantSettings], nn.Mo
         from optimum.quanto import freeze
         from optimum.quanto import quantize as quanto_quantize
 
-        targets = _targets(model, settings)
+        targets = target_layers(model, settings)
         # include patterns are fnmatch patterns; module names have no wildcard characters
         quanto_quantize(model, weights=weights, include=list(targets))
         freeze(model)  # replaces the float weights by their quantized, packed form
@@ -386,7 +397,7 @@ def _bnb_quantize(bits: int) -> Callable[[Path, QuantSettings], nn.Module]:
         config = AutoConfig.from_pretrained(path)
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config)
-        targets = _targets(skeleton, settings)
+        targets = target_layers(skeleton, settings)
         # transformers matches these as anchored regexes: escape to name exactly the layers kept
         keep = [re.escape(n) for n, m in skeleton.named_modules() if isinstance(m, nn.Linear) and n not in targets]
         dtype = getattr(config, "dtype", None) or torch.float32
@@ -427,6 +438,8 @@ METHODS: dict[str, Method] = {
         Method("int4_weight_only", "torchao", "torchao", "groups of group_size input weights",
                _torchao_quantize("int4_weight_only"), _torchao_save, _torchao_load,
                group_sizes=(32, 64, 128), check=_int4_kernel),
+        Method("int8_dynamic_int4_weight", "torchao", "torchao", "groups of group_size input weights",
+               _torchao_quantize("int8_dynamic_int4_weight"), _torchao_save, _torchao_load, group_sizes=(32, 64, 128)),
         Method("quanto_int8", "optimum.quanto", "optimum-quanto", _PER_ROW,
                _quanto_quantize("qint8"), _quanto_save, _quanto_load),
         Method("quanto_int4", "optimum.quanto", "optimum-quanto",

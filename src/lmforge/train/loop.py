@@ -115,7 +115,7 @@ def _check_resume(cfg, out: Path) -> None:
     ckpt = checkpoint.latest(out / "checkpoints")
     saved_path = ckpt / "recipe.yaml" if ckpt is not None else out / "recipe.yaml"
     if saved_path.exists():
-        diff = outputs.changed_keys(outputs.read_recipe(saved_path), to_dict(cfg))
+        diff = outputs.changed_keys(outputs.read_recipe(saved_path), to_dict(cfg), defaults=to_dict(type(cfg)()))
         if diff:
             shown = ", ".join(diff[:8]) + (f" and {len(diff) - 8} more" if len(diff) > 8 else "")
             raise UserError(f"resume=auto: the recipe differs from the run in '{out}' ({saved_path.relative_to(out)}) "
