@@ -1,25 +1,52 @@
 """`lmforge distill RECIPE.yaml`: train a smaller causal LM (the student) to match a frozen teacher.
 
-    recipe -> tokenizer (the teacher's) -> packed blocks -> teacher (frozen) -> student -> KD task
-           -> train.loop.run -> output_dir/final (a plain student)
+    recipe -> tokenizer (the teacher's) -> packed blocks or SFT records -> teacher (frozen) -> student
+           -> [sequence: the teacher's completions] -> KD task -> train.loop.run -> output_dir/final (a plain student)
 
 The loss per loss token is ``alpha_ce * CE(labels) + weight_kd * KD(teacher || student)
 [+ hidden_weight * hidden-state distance]`` (``lmforge.train.kd_task.KD``; the divergences are
 ``lmforge.train.kd``). Validation reports the student's plain CE on the real labels, so its loss and
 perplexity compare directly with a pretrain run or a CE-only control (``distill.weight_kd=0``).
 
+``data.kind``:
+  blocks  packed pretraining blocks (``data.path`` or ``data.train_files`` + ``block_size``, as pretrain reads
+          them); every token is a loss token.
+  sft     prompt/completion or chat records with the keys finetune's ``data`` has (``train_files``,
+          ``chat_template``, ``max_seq_length``, ...): padded rows whose labels are -100 on the prompt, so the
+          CE and the KD terms are both taken on completion tokens only and normalised by their count over the
+          global batch, as the SFT task is. (``packing`` is refused for now.)
+
 ``distill.mode``:
-  live    the teacher runs beside the student on every micro-batch (any ``distill.kl``, hidden states);
-  cached  one pass of the teacher over the training blocks first writes its top-k log-probabilities
-          (+ the log-mass of the rest) to ``distill.cache_dir`` as a ``datasets`` folder; training then
-          reads them with the blocks and never loads the teacher (forward KL, ``kd.sparse_forward_kl``).
-          The cache is fingerprinted (teacher files, training blocks, top_k, temperature, vocab) and a
-          cache made for anything else is refused.
+  live       the teacher runs beside the student on every micro-batch (any ``distill.kl``, hidden states).
+  cached     one pass of the teacher over the training blocks first writes its top-k log-probabilities
+             (+ the log-mass of the rest) to ``distill.cache_dir`` as a ``datasets`` folder; training then
+             reads them with the blocks and never loads the teacher (forward KL, ``kd.sparse_forward_kl``).
+             The cache is fingerprinted (teacher files, training blocks, top_k, temperature, vocab) and a
+             cache made for anything else is refused. Blocks only.
+  sequence   sequence-level KD (Kim & Rush, 2016), SFT data: the teacher first writes its own completions
+             of the training prompts (``distill.sampling``: max_new_tokens, do_sample, temperature, top_p,
+             num_return_sequences, batch_size; seeded by ``seed``) to ``distill.sequence_dir`` (default
+             ``<output_dir>/kd_sequences``), a ``datasets.load_from_disk`` folder with columns prompt,
+             completion, prompt_ids, completion_ids, source_row, sample. It is generated on the main process
+             (the other ranks wait and read it), fingerprinted (teacher files, prompts, sampling settings,
+             vocab), reused when it matches and refused when made for anything else. The student then trains
+             on prompt + teacher completion with the SFT loss (``alpha_ce``) plus, when ``weight_kd`` > 0 or
+             ``hidden`` is set, KD to the live teacher on the same completion tokens; with neither the teacher
+             is let go once the completions exist. Validation stays on the data's own completions.
+  on_policy  on-policy KD as GKD (Agarwal et al., 2023), SFT data: on a fraction lambda
+             (``distill.on_policy_fraction``) of the optimizer steps, chosen by a coin seeded with (seed, step)
+             so reruns and resumes pick the same steps, the student samples completions for the batch's
+             prompts (``train.kd_generate.OnPolicyBatches``: the unwrapped student, eval mode, no_grad, then
+             back to train), the teacher scores prompt + those completions and the loss is ``weight_kd`` * KD on
+             the student's tokens (no CE on its own samples); the other steps train on the data's completions
+             (``alpha_ce`` * CE + ``weight_kd`` * KD). The batch is built before the loop counts its loss tokens,
+             so the normalisation counts the generated tokens. ``summary.json`` lists the on-policy steps.
 
 ``student``: ``init: teacher_layers`` (every ``every_k``-th teacher block, DistilBERT style), or
 ``config: {model_type: ...}`` (fresh), or ``name_or_path`` (pretrained). Its tokenizer defaults to the
 teacher's; another one must map every id to the same token (``kd.check_same_tokenizer``). Logits are
-compared over the vocabulary rows both models have (``kd.shared_vocab_size``, padded rows trimmed).
+compared over the vocabulary rows both models have (``kd.shared_vocab_size``, padded rows trimmed), and
+generation never emits an id past them.
 
 The teacher is frozen (``requires_grad=False``), in eval mode, on the accelerator's device and never
 given to ``acc.prepare``: under DDP / ZeRO-1/2 each rank holds a replica. ZeRO-3 and FSDP (sharded
@@ -33,8 +60,13 @@ is listed in ``_keys_to_ignore_on_save`` so ``final/`` stays a plain student; it
 
 Outputs in ``output_dir``: ``final/`` (``AutoModelForCausalLM.from_pretrained``-loadable, tokenizer,
 recipe, ``distill.json``), ``metrics.jsonl`` (train rows: the combined loss), ``distill_metrics.jsonl``
-(per logged step: ce, kd, hidden per token), ``summary.json`` (plus a ``distill`` section: settings,
-the last parts, the teacher's validation loss in live mode), ``checkpoints/``, ``training_curves.png``.
+(per logged step: ce per token it was taken on, kd and hidden per loss token; on_policy: the on-policy
+tokens too), ``summary.json`` (plus a ``distill`` section: settings, the last parts, the teacher's
+validation loss when it trained live, the SFT data counts, the sequence folder, the on-policy steps),
+``checkpoints/``, ``training_curves.png``; mode sequence: ``kd_sequences/`` unless ``sequence_dir`` is set.
+Bad input is one line each (``UserError``, exit 2), before any training: a generating mode on blocks, a
+folder made for another teacher / data / settings, sampling settings out of range (or prompts + max_new_tokens
+past the generating model's positions), ``on_policy_fraction`` outside [0, 1], a key only another mode reads.
 """
 
 from __future__ import annotations
@@ -51,8 +83,10 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from lmforge.config import UserError, help_field, nested
+from lmforge.config import UserError, help_field, nested, only_for
+from lmforge.datasets.batching import IGNORE_INDEX, LengthGroupedBatches, RankBatches
 from lmforge.datasets.lm import LMDataConfig, build_lm_datasets
+from lmforge.datasets.sft import SFTCollator, SFTDataConfig, build_sft_datasets, describe_stats
 from lmforge.models import ModelConfig, load_causal_lm, torch_dtype
 from lmforge.train import checkpoint, loop
 from lmforge.train.accel import is_sharded
@@ -66,6 +100,15 @@ from lmforge.train.kd import (
     student_from_teacher_layers,
     topk_logprobs,
 )
+from lmforge.train.kd_generate import (
+    SEQUENCE_META,
+    OnPolicyBatches,
+    SamplingConfig,
+    build_sequences,
+    prompt_ids,
+    prompts_fingerprint,
+    sequence_rows,
+)
 from lmforge.train.kd_task import CACHE_COLUMNS, KD, KDParts
 from lmforge.train.settings import TrainingRecipe
 
@@ -73,7 +116,8 @@ log = logging.getLogger("lmforge")
 
 PROJECTION = "kd_projection"  # the student submodule holding the hidden-state projection (never in final/)
 CACHE_META = "kd_cache.json"  # the fingerprint file inside a top-k cache folder
-DEFAULT_BETA, DEFAULT_SKEW_ALPHA, DEFAULT_TOP_K = 0.5, 0.1, 32
+DEFAULT_BETA, DEFAULT_SKEW_ALPHA, DEFAULT_TOP_K, DEFAULT_ON_POLICY_FRACTION = 0.5, 0.1, 32, 0.5
+GENERATING_MODES = ("sequence", "on_policy")  # the modes that generate completions for the data's prompts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,7 +186,9 @@ assert set(KLKind.__args__) == set(SOFT_TARGET_KINDS)  # the recipe offers exact
 
 @dataclasses.dataclass
 class DistillConfig:
-    mode: Literal["live", "cached"] = help_field("live", help="live: the teacher runs every step; cached: its top-k log-probs are written once and read back.")
+    mode: Literal["live", "cached", "sequence", "on_policy"] = help_field(
+        "live", help="live: the teacher runs every step; cached: its top-k log-probs are written once and read back; "
+                     "sequence: the student learns the teacher's own completions; on_policy: KD on the student's samples.")
     kl: KLKind = help_field("forward", help="Soft-target divergence: forward, reverse, symmetric, jsd, skew, skew_reverse (cached: forward).")
     temperature: float = help_field(1.0, help="Softmax temperature T of both sides; the KD term is scaled by T**2.")
     alpha_ce: float = help_field(0.5, help="Weight of the hard-label cross-entropy (0: pure distillation).")
@@ -155,6 +201,12 @@ class DistillConfig:
         None, help="hidden: [[student, teacher], ...] indices into hidden_states (0 = embeddings, i = block i); null: uniform map.")
     top_k: int | None = help_field(None, help=f"mode cached: teacher tokens kept per position (default {DEFAULT_TOP_K}).")
     cache_dir: str | None = help_field(None, help="mode cached: the top-k cache folder (default <output_dir>/kd_cache; reused when it matches).")
+    sequence_dir: str | None = help_field(
+        None, help="mode sequence: the teacher's completions (default <output_dir>/kd_sequences; reused when it matches).")
+    on_policy_fraction: float | None = help_field(
+        None, help=f"mode on_policy: the fraction lambda in [0, 1] of steps trained on the student's own samples "
+                   f"(default {DEFAULT_ON_POLICY_FRACTION}).")
+    sampling: SamplingConfig = nested(SamplingConfig)
 
     def problems(self) -> list[str]:
         out = []
@@ -190,10 +242,50 @@ class DistillConfig:
                 out.append("hidden: needs the teacher's hidden states, which mode cached does not keep; use distill.mode=live")
             if self.top_k is not None and self.top_k < 1:
                 out.append(f"top_k: must be >= 1, got {self.top_k}")
-        else:
-            out += [f"{key}: only read by mode cached, not 'live'; remove it"
-                    for key in ("top_k", "cache_dir") if getattr(self, key) is not None]
+        out += only_for(self, self.mode, {"top_k": ("cached",), "cache_dir": ("cached",), "sequence_dir": ("sequence",),
+                                          "on_policy_fraction": ("on_policy",)}, "mode")
+        out += ["sampling." + p for p in only_for(
+            self.sampling, self.mode, {"max_new_tokens": GENERATING_MODES, "do_sample": GENERATING_MODES,
+                                       "temperature": GENERATING_MODES, "top_p": GENERATING_MODES,
+                                       "num_return_sequences": ("sequence",), "batch_size": ("sequence",)}, "mode")]
+        if self.on_policy_fraction is not None and not 0 <= self.on_policy_fraction <= 1:
+            out.append(f"on_policy_fraction: must be in [0, 1], got {self.on_policy_fraction}")
+        if self.mode == "on_policy" and self.weight_kd == 0:
+            out.append("weight_kd: mode on_policy trains the KD term on the student's own samples (no CE there); "
+                       "set distill.weight_kd > 0")
         return out
+
+
+@dataclasses.dataclass
+class DistillDataConfig(LMDataConfig, SFTDataConfig):
+    """``data``: packed pretraining blocks (kind blocks, the keys of ``datasets.lm``) or SFT records (kind sft,
+    the keys of finetune's ``data``: prompt/completion or chat records, loss on the completions only)."""
+
+    train_files: list[str] = help_field([], help="Local files or globs: raw text/JSONL/Parquet/CSV (kind blocks) or JSONL records (kind sft).")
+    validation_files: list[str] = help_field([], help="Held-out files; default: validation_ratio of the documents (blocks) or records (sft).")
+    validation_ratio: float = help_field(0.05, help="Fraction of documents / records held out when validation_files is empty.")
+    kind: Literal["blocks", "sft"] = help_field(
+        "blocks", help="blocks: packed pretraining blocks (path or train_files + block_size); sft: prompt/completion or "
+                       "chat records as finetune reads them (loss on completions only; needed by sequence and on_policy).")
+
+    # keys one kind reads and the other does not (the rest -- files, validation split, num_proc -- both read)
+    READERS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "path": ("blocks",), "block_size": ("blocks",),
+        **{key: ("sft",) for key in ("prompt_key", "completion_key", "messages_key", "label_key", "chat_template",
+                                     "max_seq_length", "completion_only_loss", "packing", "group_by_length")}}
+
+    def problems(self) -> list[str]:
+        out = LMDataConfig.problems(self) if self.kind == "blocks" else SFTDataConfig.problems(self)
+        out += only_for(self, self.kind, self.READERS, "kind")
+        if self.kind == "sft" and self.packing:
+            out.append("packing: not supported by distill yet (the teacher would need the block-diagonal masks finetune "
+                       "checks); set data.packing=false (length-grouped batches are used)")
+        return out
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens per training row at most (FLOPs per token)."""
+        return self.block_size if self.kind == "blocks" else self.max_seq_length
 
 
 @dataclasses.dataclass
@@ -201,12 +293,22 @@ class Config(TrainingRecipe):
     STAGE: ClassVar[str] = "distill"
     teacher: TeacherConfig = nested(TeacherConfig)
     student: StudentConfig = nested(StudentConfig)
-    data: LMDataConfig = nested(LMDataConfig)
+    data: DistillDataConfig = nested(DistillDataConfig)
     distill: DistillConfig = nested(DistillConfig)
 
     def problems(self) -> list[str]:
         out = super().problems()
         out += self.pretrain_only_problems()
+        mode, kind = self.distill.mode, self.data.kind
+        if mode in GENERATING_MODES and kind != "sft":
+            out.append(f"distill.mode: {mode} generates completions for the data's prompts, and data.kind {kind} "
+                       "(packed pretraining blocks) has no prompts; set data.kind=sft with prompt/completion or chat records")
+        if mode in GENERATING_MODES and kind == "sft" and not self.data.completion_only_loss:
+            out.append(f"data.completion_only_loss: mode {mode} splits each record into prompt and completion at its "
+                       "first trained token; set data.completion_only_loss=true")
+        if mode == "cached" and kind != "blocks":
+            out.append(f"distill.mode: cached stores top-k targets for packed blocks, not data.kind {kind}; "
+                       "use distill.mode live, sequence or on_policy for SFT data")
         return out
 
 
@@ -361,32 +463,40 @@ def cache_path(cfg: Config) -> Path:
     return Path(cfg.distill.cache_dir) if cfg.distill.cache_dir else Path(cfg.output_dir) / "kd_cache"
 
 
+CACHE_NAMES = {"teacher": "teacher", "data": "training data", "rows": "training data", "block_size": "data.block_size",
+               "top_k": "distill.top_k", "temperature": "distill.temperature", "vocab": "vocabulary"}
+
+
 def cache_state(folder: Path, fingerprint: dict[str, Any]) -> str:
-    """'ok' (a matching cache), 'absent' (build it); a one-line UserError for any other folder."""
+    """'ok' (a matching top-k cache), 'absent' (build it); a one-line UserError for any other folder."""
+    return folder_state(folder, fingerprint, "distill.cache_dir", CACHE_META, "top-k cache", CACHE_NAMES, "blocks")
+
+
+def folder_state(folder: Path, fingerprint: dict[str, Any], key: str, meta: str, holds: str, names: dict[str, str],
+                 rows: str) -> str:
+    """'ok' when ``folder`` was made for ``fingerprint``, 'absent' when missing or empty; otherwise a one-line
+    UserError naming what differs (``names``: fingerprint key -> the recipe key or thing it comes from;
+    ``rows``: what the data rows are, for the message)."""
     if not folder.exists() or (folder.is_dir() and not any(folder.iterdir())):
         return "absent"
-    meta_file = folder / CACHE_META
+    meta_file = folder / meta
     if not meta_file.is_file():
-        raise UserError(f"distill.cache_dir: '{folder}' exists but holds no top-k cache ({CACHE_META}); "
-                        "remove it or point distill.cache_dir at another folder")
+        raise UserError(f"{key}: '{folder}' exists but holds no {holds} ({meta}); remove it or point {key} at another folder")
     made = json.loads(meta_file.read_text()).get("fingerprint", {})
-    names = {"teacher": "teacher", "data": "training data", "rows": "training data", "block_size": "data.block_size",
-             "top_k": "distill.top_k", "temperature": "distill.temperature", "vocab": "vocabulary"}
     diff, seen = [], set()
-    for key, what in names.items():
-        if made.get(key) != fingerprint[key] and what not in seen:
+    for name, what in names.items():
+        if made.get(name) != fingerprint[name] and what not in seen:
             seen.add(what)
-            mine, theirs = fingerprint[key], made.get(key)
-            if key == "teacher":
+            mine, theirs = fingerprint[name], made.get(name)
+            if name == "teacher":
                 mine, theirs = mine["path"], (theirs or {}).get("path")
                 if mine == theirs:
                     mine, theirs = "these weights", "other weights"
-            elif key in ("data", "rows"):
-                mine, theirs = "these blocks", "other blocks"
+            elif name in ("data", "rows"):
+                mine, theirs = f"these {rows}", f"other {rows}"
             diff.append(f"{what} ({theirs} there, {mine} here)")
     if diff:
-        raise UserError(f"distill.cache_dir: '{folder}' was made for another {'; '.join(diff)}; delete it or set "
-                        "distill.cache_dir to a new folder")
+        raise UserError(f"{key}: '{folder}' was made for another {'; '.join(diff)}; delete it or set {key} to a new folder")
     return "ok"
 
 
@@ -451,6 +561,109 @@ def with_cache(train_ds, cache):
 
 
 # ---------------------------------------------------------------------------------------------
+# SFT data, sequence-level KD, on-policy batches
+
+
+def load_data(cfg: Config, tokenizer) -> tuple[Any, Any, dict[str, Any] | None]:
+    """(train, validation, stats): packed blocks (kind blocks, no stats) or SFT rows with completion-only
+    labels (kind sft); the generating modes keep only rows with a prompt to generate from."""
+    if cfg.data.kind == "blocks":
+        return (*build_lm_datasets(cfg.data, tokenizer, cfg.seed), None)
+    train_ds, val_ds, stats = build_sft_datasets(cfg.data, tokenizer, cfg.seed)
+    if cfg.distill.mode in GENERATING_MODES:
+        keep = [i for i, labels in enumerate(train_ds["labels"]) if labels and labels[0] == IGNORE_INDEX]  # a prompt first
+        stats["train"]["dropped_no_prompt"] = len(train_ds) - len(keep)
+        if not keep:
+            raise UserError(f"data.train_files: no training record has a prompt before its completion, and distill.mode "
+                            f"{cfg.distill.mode} generates completions for prompts; give prompt/completion or chat records")
+        if len(keep) < len(train_ds):
+            log.warning("distill: %d training records have no prompt tokens; mode %s skips them",
+                        len(train_ds) - len(keep), cfg.distill.mode)
+            train_ds = train_ds.select(keep)
+    return train_ds, val_ds, stats
+
+
+SEQUENCE_NAMES = {"teacher": "teacher", "data": "training data", "rows": "training data",
+                  **{k: f"distill.sampling.{k}" for k in ("max_new_tokens", "do_sample", "temperature", "top_p",
+                                                          "num_return_sequences", "batch_size")},
+                  "seed": "seed", "vocab": "vocabulary"}
+
+
+def sequence_fingerprint(cfg: Config, prompts: list[list[int]], vocab: int) -> dict[str, Any]:
+    """What the teacher's completions depend on: its weights, the prompts, the sampling settings (with
+    do_sample: the seed and the generate batch size too, which the draws depend on) and the vocabulary."""
+    sp = cfg.distill.sampling
+    sampled = sp.do_sample
+    return {"teacher": teacher_fingerprint(cfg.teacher), "data": prompts_fingerprint(prompts), "rows": len(prompts),
+            "max_new_tokens": sp.max_new_tokens, "do_sample": sampled, "temperature": sp.temperature if sampled else None,
+            "top_p": sp.top_p if sampled else None, "num_return_sequences": sp.num_return_sequences,
+            "batch_size": sp.batch_size if sampled else None, "seed": cfg.seed if sampled else None, "vocab": vocab}
+
+
+def sequence_path(cfg: Config) -> Path:
+    return Path(cfg.distill.sequence_dir) if cfg.distill.sequence_dir else Path(cfg.output_dir) / "kd_sequences"
+
+
+def sequence_state(folder: Path, fingerprint: dict[str, Any]) -> str:
+    return folder_state(folder, fingerprint, "distill.sequence_dir", SEQUENCE_META, "teacher completions", SEQUENCE_NAMES,
+                        "prompts")
+
+
+def teacher_sequences(cfg: Config, acc, teacher, train_ds, tokenizer, vocab: int):
+    """Sequence-level KD data: the teacher's completions of the training prompts, generated once on the main
+    process (the others wait, then read the folder), reused when the folder matches. Returns (the rows to
+    train on, provenance)."""
+    import datasets
+
+    folder = sequence_path(cfg)
+    prompts = [prompt_ids(r) for r in train_ds.with_format(None)]
+    with acc.main_process_first():
+        fingerprint = sequence_fingerprint(cfg, prompts, vocab)
+        state = sequence_state(folder, fingerprint)
+        if state == "absent":
+            gen = teacher if teacher is not None else load_teacher(cfg.teacher, acc.device)
+            log.info("distill: writing the teacher's completions of %d prompts to %s", len(prompts), folder)
+            build_sequences(folder, gen, prompts, tokenizer, cfg.distill.sampling, fingerprint, cfg.seed, vocab,
+                            progress=acc.is_local_main_process)
+            del gen
+        sequences = datasets.load_from_disk(str(folder))
+    rows = sequence_rows(sequences, cfg.data.max_seq_length)
+    info = {"sequence_dir": str(folder), "reused": state == "ok", "rows": len(rows), "prompts": len(prompts),
+            "teacher_hash": fingerprint["teacher"]["hash"], "data_hash": fingerprint["data"]}
+    return rows, info
+
+
+def check_generation_fits(cfg: Config, train_ds, hf_config, who: str) -> None:
+    """One line when the longest prompt plus max_new_tokens passes the generating model's positions (GPT-2
+    fails with an IndexError there, RoPE models generate past the range they were trained on)."""
+    c = _text_config(hf_config)
+    limit = next((getattr(c, k) for k in ("max_position_embeddings", "n_positions", "max_seq_len") if getattr(c, k, None)),
+                 None)
+    longest = max((next(i for i, t in enumerate(labels) if t != IGNORE_INDEX) for labels in train_ds["labels"]), default=0)
+    new = cfg.distill.sampling.max_new_tokens
+    if limit is not None and longest + new > limit:
+        raise UserError(f"distill.sampling.max_new_tokens: the longest prompt ({longest} tokens) plus {new} new tokens passes "
+                        f"the {who}'s {limit} positions; lower distill.sampling.max_new_tokens or data.max_seq_length")
+
+
+def sft_batches(cfg: Config, acc, train_ds, collate, student, tokenizer, vocab: int):
+    """The batch source for SFT rows: length-grouped (data.group_by_length) or the loop's default (None);
+    mode on_policy wraps it so that a seeded fraction of the steps samples the student's own completions."""
+    tc = cfg.train
+    grouped = cfg.data.group_by_length
+    if cfg.distill.mode != "on_policy":
+        return LengthGroupedBatches(train_ds, tc.per_device_train_batch_size, collate, cfg.seed, acc.process_index,
+                                    acc.num_processes) if grouped else None
+    base = (LengthGroupedBatches if grouped else RankBatches)(
+        train_ds, tc.per_device_train_batch_size, collate, cfg.seed, acc.process_index, acc.num_processes)
+    fraction = cfg.distill.on_policy_fraction
+    return OnPolicyBatches(base, student, collate, fraction=DEFAULT_ON_POLICY_FRACTION if fraction is None else fraction,
+                           seed=cfg.seed, gradient_accumulation_steps=tc.gradient_accumulation_steps,
+                           sampling=cfg.distill.sampling, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
+                           max_length=cfg.data.max_seq_length, vocab=vocab, rank=acc.process_index)
+
+
+# ---------------------------------------------------------------------------------------------
 # The stage
 
 
@@ -483,13 +696,17 @@ def train(cfg: Config) -> tuple[loop.RunResult, torch.nn.Module, Any]:
         student_tok = _load_tokenizer(s_tok_name, s.trust_remote_code, "student.tokenizer" if s.tokenizer else "student.name_or_path")
         check_same_tokenizer(student_tok, tokenizer)
 
-    # ---- data: packed blocks ----
+    # ---- data: packed blocks or SFT records (completion-only labels) ----
     with acc.main_process_first():
-        train_ds, val_ds = build_lm_datasets(cfg.data, tokenizer, cfg.seed)
+        train_ds, val_ds, data_stats = load_data(cfg, tokenizer)
+    if data_stats is not None and acc.is_main_process:
+        print(f"data: {describe_stats(data_stats)}")
 
-    # ---- teacher (live mode or a student built from it) and student ----
+    # ---- teacher (whenever training or the student's init reads it) and student ----
+    # sequence mode reads the teacher for its completions (loaded then, unless kept) and trains with it only for KD
+    teacher_trains = d.mode in ("live", "on_policy") or (d.mode == "sequence" and (d.weight_kd > 0 or d.hidden is not None))
     t_config = _teacher_hf_config(t)
-    teacher = load_teacher(t, acc.device) if d.mode == "live" or s.init == "teacher_layers" else None
+    teacher = load_teacher(t, acc.device) if teacher_trains or s.init == "teacher_layers" else None
     student = build_student(s, tokenizer, teacher)
     n_student, n_teacher = n_layers(student.config), n_layers(t_config)
     t_rows = vocab_rows(teacher) if teacher is not None else _text_config(t_config).vocab_size
@@ -517,34 +734,53 @@ def train(cfg: Config) -> tuple[loop.RunResult, torch.nn.Module, Any]:
         train_ds = with_cache(train_ds, cache)
         cache_info = {"cache_dir": str(folder), "reused": state == "ok", "top_k": fingerprint["top_k"],
                       "teacher_hash": fingerprint["teacher"]["hash"], "data_hash": fingerprint["data"]}
+
+    # ---- sequence mode: the teacher's own completions of the prompts, generated once ----
+    sequence_info = None
+    if d.mode in GENERATING_MODES:
+        check_generation_fits(cfg, train_ds, t_config if d.mode == "sequence" else student.config,
+                              "teacher" if d.mode == "sequence" else "student")
+    if d.mode == "sequence":
+        train_ds, sequence_info = teacher_sequences(cfg, acc, teacher, train_ds, tokenizer, vocab)
+    if not teacher_trains and teacher is not None:
         teacher = None  # training never touches it
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     if acc.is_main_process:
-        print(f"distill ({d.mode}, kl {d.kl}, T={d.temperature}): teacher {n_teacher} layers -> student {n_student} layers; "
-              f"vocab {vocab}" + (f"; hidden {d.hidden} on {len(pairs)} layer pairs" if d.hidden else "")
+        print(f"distill ({d.mode}, kl {d.kl}, T={d.temperature}, data {cfg.data.kind}): teacher {n_teacher} layers -> "
+              f"student {n_student} layers; vocab {vocab}" + (f"; hidden {d.hidden} on {len(pairs)} layer pairs" if d.hidden else "")
               + (", with a projection" if projection is not None else ""))
 
-    # ---- the task and the loop ----
+    # ---- the task, the batches and the loop ----
     parts = KDParts(cfg.train.gradient_accumulation_steps, cfg.log.log_every, cfg.train.stop_at_step or cfg.train.max_steps,
                     _resume_step(cfg))
-    task = KD(teacher, seq_len=cfg.data.block_size, vocab=vocab, kind=d.kl, temperature=d.temperature,
+    sft = cfg.data.kind == "sft"
+    collate = SFTCollator(tokenizer.pad_token_id) if sft else None
+    task = KD(teacher, seq_len=cfg.data.seq_len, vocab=vocab, kind=d.kl, temperature=d.temperature,
               alpha_ce=d.alpha_ce, weight_kd=d.weight_kd, beta=DEFAULT_BETA if d.beta is None else d.beta,
               skew_alpha=DEFAULT_SKEW_ALPHA if d.skew_alpha is None else d.skew_alpha, hidden=d.hidden,
               hidden_weight=1.0 if d.hidden_weight is None else d.hidden_weight, layer_pairs=pairs,
-              projection=projection, cached=d.mode == "cached", parts=parts)
+              projection=projection, cached=d.mode == "cached", parts=parts,
+              **({"collate": collate, "eval_collate": collate} if sft else {}))
+    batches = sft_batches(cfg, acc, train_ds, collate, student, tokenizer, vocab) if sft else None
     provenance = {"teacher": t.name_or_path, "teacher_layers": n_teacher, "student_layers": n_student,
                   "student_init": s.init or ("config" if s.config else "pretrained"), "vocab": vocab,
-                  **dataclasses.asdict(d), "layer_pairs": pairs, "cache": cache_info}
-    result = loop.run(acc, cfg, student, task, train_ds, val_ds, tokenizer=tokenizer, end_training=False,
+                  "data_kind": cfg.data.kind, **dataclasses.asdict(d), "layer_pairs": pairs, "cache": cache_info,
+                  "sequences": sequence_info}
+    result = loop.run(acc, cfg, student, task, train_ds, val_ds, tokenizer=tokenizer, batches=batches, end_training=False,
                       extra_files={"distill.json": json.dumps(provenance, indent=1)})
 
     # ---- the parts of the loss, the teacher's own validation loss, the projection ----
-    rows = _part_rows(acc, parts)
+    rows = _part_rows(acc, parts, on_policy=d.mode == "on_policy")
     teacher_eval = None
     if teacher is not None and val_ds is not None:
         teacher_eval = evaluate(acc, teacher, val_ds, task, cfg.eval.per_device_eval_batch_size, cfg.eval.max_eval_batches)
+    on_policy = None
+    if isinstance(batches, OnPolicyBatches):
+        start = parts.start_step
+        on_policy = {"fraction": batches.fraction, "steps": batches.generated, "count": len(batches.generated),
+                     "of": result.step - start, "first_step": start + 1}
     out = result.output_dir
     if acc.is_main_process:
         _write_part_rows(out / "distill_metrics.jsonl", rows, parts.start_step)
@@ -556,7 +792,8 @@ def train(cfg: Config) -> tuple[loop.RunResult, torch.nn.Module, Any]:
         summary_path = out / "summary.json"
         summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
         summary["distill"] = {**provenance, "last": rows[-1] if rows else None, "teacher_eval": teacher_eval,
-                              "projection": "kd_projection.safetensors" if projection is not None else None}
+                              "projection": "kd_projection.safetensors" if projection is not None else None,
+                              "data": data_stats, "on_policy": on_policy}
         summary_path.write_text(json.dumps(summary, indent=1))
     acc.wait_for_everyone()
     acc.end_training()
@@ -567,20 +804,27 @@ def train(cfg: Config) -> tuple[loop.RunResult, torch.nn.Module, Any]:
               + (f" (ce {last['ce']:.4f}, kd {last['kd']:.4f}" + (f", hidden {last['hidden']:.4f}" if d.hidden else "") + ")"
                  if last else "")
               + (f", eval CE {result.eval['loss']:.4f} (ppl {result.eval['perplexity']:.2f})" if result.eval else "")
-              + (f"; teacher eval CE {teacher_eval['loss']:.4f}" if teacher_eval else ""))
+              + (f"; teacher eval CE {teacher_eval['loss']:.4f}" if teacher_eval else "")
+              + (f"; on-policy steps {on_policy['count']} of {on_policy['of']}" if on_policy else ""))
         print(f"  student: {result.final_dir}")
         print(f"  metrics: {out / 'metrics.jsonl'}, {out / 'distill_metrics.jsonl'}")
     return result, student, tokenizer
 
 
-def _part_rows(acc, parts: KDParts) -> list[dict[str, float]]:
-    """Per logged step: ce, kd, hidden per loss token over the whole global batch window (all ranks)."""
+def _part_rows(acc, parts: KDParts, on_policy: bool = False) -> list[dict[str, float]]:
+    """Per logged step: kd, hidden per loss token and ce per token it was taken on (all but on-policy
+    tokens; NaN when none) over the whole global batch window (all ranks); on_policy: its token count."""
     if not parts.rows:
         return []
-    sums = acc.reduce(torch.stack([r for _, r in parts.rows]).to(acc.device), reduction="sum").cpu()  # (rows, 4)
-    return [{"step": step, "ce": float(v[0] / v[3].clamp_min(1)), "kd": float(v[1] / v[3].clamp_min(1)),
-             "hidden": float(v[2] / v[3].clamp_min(1)), "tokens": float(v[3])}
-            for (step, _), v in zip(parts.rows, sums)]
+    sums = acc.reduce(torch.stack([r for _, r in parts.rows]).to(acc.device), reduction="sum").cpu()  # (rows, 5)
+    out = []
+    for (step, _), v in zip(parts.rows, sums):
+        row = {"step": step, "ce": float(v[0] / v[4]) if v[4] > 0 else float("nan"), "kd": float(v[1] / v[3].clamp_min(1)),
+               "hidden": float(v[2] / v[3].clamp_min(1)), "tokens": float(v[3])}
+        if on_policy:
+            row["on_policy_tokens"] = float(v[3] - v[4])
+        out.append(row)
+    return out
 
 
 def _write_part_rows(path: Path, rows: list[dict[str, float]], start_step: int) -> None:

@@ -9,7 +9,13 @@ token count), ``loss_sum = alpha_ce * ce_sum + weight_kd * kd_sum + hidden_weigh
 token count, and the parts as extra keys ``ce_sum``, ``kd_sum``, ``hidden_sum`` (detached). Loss
 positions are the causal shift of ``tasks.next_token_loss``: position t predicts token t+1, the mask
 is ``labels[:, 1:] != -100`` padded with False at the end, so KD and hidden losses are computed on
-exactly the positions the CE counts.
+exactly the positions the CE counts. On SFT rows (``datasets.sft``: padded, attention_mask, labels -100
+on prompt and padding) those are the completion tokens: whatever either model predicts at a prompt
+position changes nothing, and the loop normalises by completion tokens as the SFT task does.
+
+A batch holding ``ON_POLICY_KEY`` (on-policy KD, ``train.kd_generate.OnPolicyBatches``) has the student's
+own samples as completions: there the CE term is left out (training on its own samples teaches the student
+nothing) and the loss is ``weight_kd * kd_sum (+ hidden)``; its tokens are counted as on-policy tokens.
 
 In eval mode (``loop``'s validation) it returns the plain next-token CE of the student on the real
 labels, with accuracy: validation loss and perplexity stay comparable with pretrain runs and with a
@@ -42,6 +48,7 @@ from lmforge.train.tasks import Batch, Task, collate_blocks, next_token_loss
 
 CACHE_COLUMNS = ("kd_values", "kd_indices", "kd_rest")
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+ON_POLICY_KEY = "kd_on_policy"  # present in a batch (a 0-d tensor) when its completions are the student's own
 
 
 def collate_kd(examples: list[dict]) -> Batch:
@@ -55,14 +62,15 @@ def collate_kd(examples: list[dict]) -> Batch:
 
 
 class KDParts:
-    """Running sums of [ce, kd, hidden, tokens] of training micro-batches, one row per optimizer step that
-    the loop logs (``step % log_every == 0``, step 1 and the last step), kept on the device (no sync)."""
+    """Running sums of [ce, kd, hidden, tokens, ce_tokens] of training micro-batches, one row per optimizer
+    step that the loop logs (``step % log_every == 0``, step 1 and the last step), kept on the device (no
+    sync). ``ce_tokens`` are the tokens the CE was taken on (all of them but on-policy batches')."""
 
     def __init__(self, gradient_accumulation_steps: int, log_every: int, last_step: int, start_step: int = 0):
         self.gas, self.log_every, self.last_step = gradient_accumulation_steps, log_every, last_step
         self.calls, self.start_step = 0, start_step
         self.window: torch.Tensor | None = None
-        self.rows: list[tuple[int, torch.Tensor]] = []  # (step, [ce_sum, kd_sum, hidden_sum, n_tokens])
+        self.rows: list[tuple[int, torch.Tensor]] = []  # (step, [ce_sum, kd_sum, hidden_sum, n_tokens, ce_tokens])
 
     def add(self, parts: torch.Tensor) -> None:
         self.window = parts if self.window is None else self.window + parts
@@ -125,9 +133,10 @@ class KD(Task):
         want_hidden = self.hidden is not None
         out = model(**inputs, output_hidden_states=want_hidden)
         logits = out.logits  # (batch, seq, vocab_s)
-        ce = next_token_loss(logits, labels)
         mask = F.pad(labels[:, 1:], (0, 1), value=-100) != -100  # (batch, seq): position t predicts t+1
         zero = logits.new_zeros((), dtype=torch.float32)
+        on_policy = ON_POLICY_KEY in batch  # the completions are the student's own samples: no CE on them
+        ce = {"loss_sum": zero, "n_tokens": mask.sum()} if on_policy else next_token_loss(logits, labels)
         kd_sum, hidden_sum = zero, zero
 
         use_teacher = not self.cached and (self.weight_kd > 0 or want_hidden)
@@ -147,13 +156,14 @@ class KD(Task):
             per_pair = [hidden_state_loss(hs[s], ht[t], mask, self.hidden, self.projection) for s, t in self.layer_pairs]
             hidden_sum = torch.stack(per_pair).mean()
 
-        total = ce["loss_sum"] * self.alpha_ce if self.alpha_ce > 0 else zero
+        total = ce["loss_sum"] * self.alpha_ce if self.alpha_ce > 0 and not on_policy else zero
         if self.weight_kd > 0:
             total = total + self.weight_kd * kd_sum
         if want_hidden and self.hidden_weight > 0:
             total = total + self.hidden_weight * hidden_sum
+        n_tokens = ce["n_tokens"].float()
         parts = torch.stack([ce["loss_sum"].detach().float(), kd_sum.detach().float(), hidden_sum.detach().float(),
-                             ce["n_tokens"].float()])
+                             n_tokens, n_tokens * (not on_policy)])
         if self.parts is not None:
             self.parts.add(parts.double())
         return {"loss_sum": total, "n_tokens": ce["n_tokens"], "ce_sum": parts[0], "kd_sum": parts[1],
