@@ -16,8 +16,8 @@ of what it cost.
   (``quant.qat.scheme``) through the shared training loop (``optim``/``schedule``/``train``/... as in
   pretrain, any accelerate layout), then converted with the PTQ method of the same numerics. The PTQ
   result of that method is added to the comparison, so the report shows what training bought;
-- ``gptq`` / ``awq``: refused on this build with the reason (they need a CUDA GPU and GPTQModel or
-  llm-compressor); see ``gptq_reason``.
+- ``gptq`` / ``awq``: known names, refused with the reason (``gptq_reason``): llm-compressor pins an
+  older transformers than lmforge does and GPTQModel builds CUDA kernels from source.
 
 Every result is measured after reloading its saved folder (what a user gets), on the recipe's validation
 blocks, against the fp32 original and a bf16 copy (:mod:`lmforge.quant.report`).
@@ -78,7 +78,7 @@ class QATGroup:
 
 @dataclasses.dataclass
 class QuantGroup:
-    method: str = help_field("dynamic_int8", help="The result in final/: a PTQ method, prune, qat (gptq/awq: CUDA only).")
+    method: str = help_field("dynamic_int8", help="The result in final/: a PTQ method, prune or qat (gptq/awq: not available yet).")
     compare: list[str] = help_field([], help="More methods measured in the report (saved in compare/<name>/).")
     group_size: int | None = help_field(None, help="Methods with groups (int4_weight_only: 32/64/128, default 128).")
     skip_modules: list[str] = help_field(["lm_head"], help="Layers kept in full precision (names, suffixes or globs).")
@@ -200,13 +200,11 @@ def model_folder_problems(name: str) -> list[str]:
 
 
 def gptq_reason(name: str) -> str:
-    lib = "GPTQModel (pip install gptqmodel)" if name == "gptq" else "llm-compressor (pip install llmcompressor)"
-    if not torch.cuda.is_available():
-        return (f"quant.method {name}: {name.upper()} calibrates layer by layer with CUDA kernels ({lib}) and needs a "
-                "CUDA GPU, which this machine does not have; on a CPU use int4_weight_only, quanto_int4 or bnb_nf4 "
-                "(post-training), or qat (quantization-aware training)")
-    return (f"quant.method {name}: not wired into this version of lmforge yet; quantize with {lib} directly and point "
-            "lmforge evaluate at its folder, or use int4_weight_only / bnb_nf4 / qat here")
+    """Why gptq / awq do not run in this version (found 2026-12: llm-compressor 0.14 pins transformers<=5.17
+    while lmforge pins 5.24; GPTQModel 7.7 ships only a source distribution that builds CUDA kernels)."""
+    return (f"quant.method {name}: not available in this version of lmforge (llm-compressor requires "
+            "transformers<=5.17, older than lmforge's pin; GPTQModel builds CUDA kernels from source); use "
+            "int4_weight_only, quanto_int4 or bnb_nf4 (post-training) or qat (quantization-aware training)")
 
 
 def check(cfg: Config) -> None:
