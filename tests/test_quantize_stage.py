@@ -112,6 +112,12 @@ def test_report_has_every_field_for_every_result(ptq_run):
     assert (out / "final" / "quant.json").is_file() and (out / "final" / "tokenizer.json").is_file()
     assert {p.name for p in (out / "compare").iterdir()} == {"dynamic_int8", "bnb_nf4", "prune"}
     assert not (out / ".fp32").exists()  # the scratch copy bitsandbytes loads from is gone
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "final" / "README.md").data.to_dict()
+    assert {"quantize", "quantized", "int4_weight_only"} <= set(card["tags"])
+    ppl = {m["type"]: m["value"] for m in card["model-index"][0]["results"][0]["metrics"]}["perplexity"]
+    assert ppl == pytest.approx(rows["int4_weight_only"]["perplexity"])
 
 
 RELOAD = textwrap.dedent("""

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from lmforge.config import UserError
+from lmforge.cards import write_card
+from lmforge.config import UserError, to_dict
 from lmforge.models import load_pretrained, load_tokenizer
 from lmforge.peft.methods import MERGEABLE_HINT, method_for
 from lmforge.train.save import atomic_dir, write_extras
@@ -42,5 +43,9 @@ def export(cfg) -> Path:
     with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         write_extras(tmp, tokenizer, cfg, {"labels.json": json.dumps({"label_names": labels})} if labels else None)
+        summary = Path(cfg.output_dir) / "summary.json"
+        ev = (json.loads(summary.read_text()).get("eval") or {}) if summary.is_file() else {}
+        write_card(tmp, stage="finetune", recipe=to_dict(cfg), metrics={f"eval_{k}": v for k, v in ev.items()},
+                   summary=f"The {cfg.peft.method} adapter of `{final}` merged into its base ({cfg.export.dtype}).", shown=out)
     print(f"merged {cfg.peft.method} adapter into the base: {out}")
     return out

@@ -40,6 +40,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from lmforge.cards import write_card
 from lmforge.config import UserError, field_defaults, help_field, nested, to_dict
 from lmforge.datasets.lm import LMDataConfig, build_lm_datasets, check_model_fits
 from lmforge.models import ModelConfig, load_causal_lm, load_tokenizer
@@ -475,6 +476,16 @@ def main(cfg: Config) -> dict[str, Any] | None:
                 "eval_blocks": sum(len(b) for b in bench.batches), "skip_modules": qc.skip_modules,
                 "group_size": qc.group_size}
     report = write(out, rows, settings)
+    base = rows[0]
+    for r in rows:
+        if r.folder:
+            how = (f"{r.name} of `{cfg.model.name_or_path}`: weights {r.file_bytes / 2**20:.2f} MB on disk vs "
+                   f"{base.file_bytes / 2**20:.2f} MB in fp32; see ../report.md." if r.folder.endswith("final")
+                   else f"{r.name} of `{cfg.model.name_or_path}`; see the stage's report.md.")
+            write_card(r.folder, stage="quantize", recipe=to_dict(cfg), summary=how,
+                       metrics={"perplexity": r.perplexity, "top1_agreement_with_fp32": r.top1_agreement,
+                                "fp32_perplexity": base.perplexity},
+                       tags=[r.kind, r.name] + ([] if r.kind == "prune" else ["quantized"]))
     from lmforge import outputs
 
     outputs.discard_pending(out)

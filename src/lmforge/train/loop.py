@@ -29,8 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from lmforge import outputs
+from lmforge.cards import command_line, environment_md, write_card
 from lmforge.config import UserError, dump, to_dict
 from lmforge.datasets.batching import RankBatches
 from lmforge.optim.optimizers import build_optimizer
@@ -171,6 +173,7 @@ def run(
     :class:`~lmforge.datasets.batching.RankBatches` with any object whose ``get(k)`` returns this
     rank's k-th micro-batch (deterministic in k, so resume stays exact). ``end_training=False`` keeps
     the trackers and the process group alive for a stage that still has collective work to do."""
+    started = time.perf_counter()
     out = Path(cfg.output_dir)
     ckpt_root = out / "checkpoints"
     tc, T, gas = cfg.train, cfg.train.max_steps, cfg.train.gradient_accumulation_steps
@@ -330,8 +333,15 @@ def run(
             # real input tokens over padded positions (1.0 for packed blocks; SFT batches pad to the longest row)
             "padding_efficiency": (state["tokens_seen"] / state["padded_tokens_seen"]) if state.get("padded_tokens_seen") else None,
         }
+        summary["wall_time_s"] = time.perf_counter() - started
+        summary["peak_rss_mb"] = peak_rss_mb()
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
-        (out / "report.md").write_text(_report(out, summary))
+        (out / "report.md").write_text(_report(out, summary, cfg))
+        for folder in (final_dir, out / "final_ema" if ema is not None and final_dir else None):
+            if folder is not None:
+                card_metrics = {"train_loss": last_loss, **{f"eval_{k}": v for k, v in (last_eval or {}).items()}}
+                write_card(folder, stage=getattr(cfg, "STAGE", "train"), recipe=to_dict(cfg), metrics=card_metrics,
+                           library_name="peft" if hasattr(acc.unwrap_model(model), "peft_config") else "transformers")
         if final_dir is not None:
             outputs.discard_pending(out)  # the new result exists: the folder it replaced can go
     if acc.is_main_process:
@@ -342,7 +352,16 @@ def run(
     return RunResult(out, final_dir, state["step"], last_loss, last_eval, first_loss)
 
 
-def _report(out: Path, s: dict) -> str:
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (Linux reports KiB, macOS bytes)."""
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def _report(out: Path, s: dict, cfg=None) -> str:
     """A short Markdown run report next to the metrics (what a person opens first)."""
     ev = s.get("eval") or {}
     rows = [("steps", f"{s['step']} / {s['max_steps']}"), ("tokens seen", f"{s['tokens_seen']:,}"),
@@ -352,8 +371,13 @@ def _report(out: Path, s: dict) -> str:
              f"{ev['loss']:.4f} / {ev['perplexity']:.2f} / {ev['accuracy']:.3f}" if ev else "not evaluated"),
             ("layout", f"{s['distributed_type']} x {s['num_processes']} ({s['model_wrapper']}), mixed precision {s['mixed_precision']}"),
             ("final model", s["final_dir"] or "not written (run stopped before max_steps)")]
+    rows += [("wall time", f"{s['wall_time_s']:.1f} s" if s.get("wall_time_s") is not None else "-"),
+             ("peak memory (RSS, main process)", f"{s['peak_rss_mb']:.0f} MB" if s.get("peak_rss_mb") else "-")]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    return (f"# Run report: {out.name}\n\n| | |\n|---|---|\n{table}\n\n"
-            "![loss and learning rate](training_curves.png)\n\nEvery logged value: `metrics.jsonl`; the resolved recipe: "
-            "`recipe.yaml`; machine-readable summary: `summary.json`.\n")
+    recipe = yaml.safe_dump(to_dict(cfg), sort_keys=False) if cfg is not None else ""
+    return (f"# Run report: {out.name}\n\n```bash\n{command_line()}\n```\n\n| | |\n|---|---|\n{table}\n\n"
+            "![loss and learning rate](training_curves.png)\n\n## Environment\n\n" + environment_md() +
+            (f"\n## Recipe (resolved)\n\n```yaml\n{recipe}```\n" if recipe else "") +
+            "\nEvery logged value: `metrics.jsonl`; the resolved recipe: `recipe.yaml`; machine-readable summary: "
+            "`summary.json`; the model card: `final/README.md`.\n")
 
