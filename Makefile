@@ -12,7 +12,7 @@ STAMP := $(VENV)/.lmforge-setup
 # The CPU build of torch lies on this machine's disk; GPU users: make setup TORCH_SPEC='torch==2.13.0' with
 # their own index, or install torch first and set TORCH_SPEC= (empty) to keep it.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,deepspeed,data,qlora,quant
+EXTRAS ?= dev,deepspeed,data,qlora,quant,eval
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 # DeepSpeed JIT-builds its C++ ops once per machine; keep them in the repo's ignored cache.
