@@ -22,7 +22,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export LMFORGE_CACHE ?= $(CURDIR)/.cache/lmforge
 
-.PHONY: setup test test-slow test-layouts test-all lint demo data pretrain pretrain-llrd pretrain-mlm finetune distill quantize quantize-qat plan bench constraints clean
+.PHONY: setup test test-slow test-layouts test-all lint demo data pretrain pretrain-llrd pretrain-mlm finetune distill quantize quantize-qat evaluate plan bench constraints clean
 
 setup: $(STAMP)
 
@@ -36,7 +36,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 # Refresh the pins after a deliberate upgrade (then run make test and commit constraints.txt).
 constraints: setup
-	$(BIN)/python -m pip freeze --exclude-editable | grep -viE '^(torch|nvidia-|triton)' > constraints.txt
+	$(BIN)/python -m pip freeze --exclude-editable | grep -viE '^(torch==|nvidia-|triton)' > constraints.txt
 
 test: setup
 	$(BIN)/python -m pytest -q -m "not slow and not gpu" tests
@@ -64,12 +64,15 @@ demo: setup
 	$(BIN)/lmforge distill recipes/tiny/distill.yaml overwrite=true data.path=outputs/tiny/data/dataset data.train_files=[]
 	$(BIN)/lmforge quantize recipes/tiny/quantize.yaml overwrite=true model.name_or_path=outputs/tiny/distill/final \
 	    data.path=outputs/tiny/data/dataset data.train_files=[]
+	$(BIN)/lmforge evaluate recipes/tiny/evaluate.yaml overwrite=true output_dir=outputs/tiny/evaluate_compare \
+	    --compare outputs/tiny/distill/final outputs/tiny/quantize/final
 	@echo; echo "demo outputs:"; \
 	echo "  data:      outputs/tiny/data/ (dataset/, tokenizer/, report.md, *.png)"; \
 	echo "  pretrain:  outputs/tiny/pretrain/ (final/, metrics.jsonl, training_curves.png, report.md)"; \
 	echo "  finetune:  outputs/tiny/finetune_lora/ (final/ adapter, metrics.jsonl, training_curves.png)"; \
 	echo "  distill:   outputs/tiny/distill/ (final/ half-depth student, metrics.jsonl, distill_metrics.jsonl)"; \
-	echo "  quantize:  outputs/tiny/quantize/ (final/ int8 student, compare/, report.md, report.png)"
+	echo "  quantize:  outputs/tiny/quantize/ (final/ int8 student, compare/, report.md, report.png)"; \
+	echo "  evaluate:  outputs/tiny/evaluate_compare/ (teacher vs student vs int8 student: report.md, comparison.png)"
 
 data: setup
 	$(BIN)/lmforge data recipes/tiny/data.yaml overwrite=true
@@ -91,6 +94,10 @@ quantize: setup
 quantize-qat: setup
 	test -d outputs/tiny/pretrain/final || $(BIN)/lmforge pretrain recipes/tiny/pretrain.yaml overwrite=true
 	$(BIN)/lmforge quantize recipes/tiny/quantize_qat.yaml overwrite=true
+
+evaluate: setup
+	test -d outputs/tiny/pretrain/final || $(BIN)/lmforge pretrain recipes/tiny/pretrain.yaml overwrite=true
+	$(BIN)/lmforge evaluate recipes/tiny/evaluate.yaml overwrite=true
 
 pretrain-llrd: setup
 	$(BIN)/lmforge pretrain recipes/tiny/pretrain_llrd.yaml overwrite=true

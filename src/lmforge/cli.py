@@ -62,6 +62,8 @@ def run_stage(name: str, argv: list[str]) -> int:
         print(f"usage: lmforge {name} RECIPE.yaml [key.path=value ...]\n\nrecipe keys:")
         print("\n".join(describe(module.Config)))
         return 0 if argv else 2
+    # a stage may turn flags of its own into recipe keys (evaluate: --compare DIR [DIR ...] -> compare=[...])
+    argv = getattr(module, "cli_overrides", lambda a: a)(argv)
     _, cfg = load_recipe(argv[0], argv[1:], stage=name)
     try:
         module.main(cfg)
