@@ -22,12 +22,12 @@ CARD = "README.md"
 PACKAGES = ("torch", "transformers", "accelerate", "datasets", "peft", "deepspeed", "torchao", "lmforge")
 
 
-def environment() -> dict[str, Any]:
+def environment(packages: tuple[str, ...] = PACKAGES) -> dict[str, Any]:
     """Versions of the stack, the Python, and what the hardware is (CPU capability or the GPU)."""
     import torch
 
     versions = {}
-    for name in PACKAGES:
+    for name in packages:
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata
-import platform
 import re
 import shlex
 import sys
@@ -12,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from lmforge import cards
 from lmforge.evaluation import compare
 
 PACKAGES = ("torch", "transformers", "datasets", "accelerate", "peft", "tokenizers", "lm_eval", "scikit-learn",
@@ -19,16 +18,9 @@ PACKAGES = ("torch", "transformers", "datasets", "accelerate", "peft", "tokenize
 
 
 def environment() -> dict[str, Any]:
-    import torch
-
-    versions = {}
-    for pkg in PACKAGES:
-        try:
-            versions[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return {"python": platform.python_version(), "platform": platform.platform(), "packages": versions,
-            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"}
+    env = cards.environment(PACKAGES)
+    packages = {k: v for k, v in env["versions"].items() if v}
+    return {"python": env["python"], "platform": env["platform"], "packages": packages, "device": env["hardware"]}
 
 
 def row_name(path: str) -> str:
