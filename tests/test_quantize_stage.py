@@ -175,7 +175,8 @@ def test_fake_quantization_has_the_numerics_of_the_converted_model(scheme):
         converted = qat.convert(model.state_dict(), plain, scheme, 32, ["lm_head"])
         real = converted(x).logits
     assert len(layers) == 14 and sorted(qat.fake_quantized_layers(model)) == layers
-    assert (fake - real).abs().max() < 1e-4 < (dense - real).abs().max()
+    # seen on AVX2: fake vs real 7e-7, dense vs real 0.1; the bound leaves room for another CPU's int4 kernel
+    assert (fake - real).abs().max() < 0.05 * (dense - real).abs().max()
     assert set(measure.parameter_bytes(converted).quantized_layers) == set(layers)
 
 
