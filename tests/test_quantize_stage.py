@@ -207,6 +207,7 @@ def test_qat_trains_with_the_loop_converts_to_int4_and_is_compared_with_ptq(qat_
         assert row["layer_ratio"] is None or row["layer_ratio"] <= 0.2
 
 
+@pytest.mark.slow  # two ranks + measurement, ~1 min: make test-slow
 def test_qat_on_two_cpu_ranks(model_dir, corpus, tmp_path):
     out = tmp_path / "qat2"
     cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "accelerate_configs" / "multi_cpu.yaml"),
