@@ -96,6 +96,14 @@ def only_for(obj: Any, choice: str, readers: dict[str, tuple[str, ...]], what: s
             for key, users in readers.items() if choice not in users and getattr(obj, key) != defaults[key]]
 
 
+def missing_files(key: str, patterns: list[str]) -> list[str]:
+    """One problem per file pattern (a path or a glob) that matches nothing."""
+    import glob
+
+    return [f"{key}: '{p}' matches no file; check the path (relative to where you run lmforge)"
+            for p in patterns if not glob.glob(p)]
+
+
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:

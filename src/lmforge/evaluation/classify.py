@@ -11,7 +11,7 @@ import dataclasses
 
 import torch
 
-from lmforge.config import UserError, help_field
+from lmforge.config import UserError, help_field, missing_files
 
 
 @dataclasses.dataclass
@@ -27,10 +27,7 @@ class ClassificationGroup:
         return bool(self.files)
 
     def problems(self) -> list[str]:
-        import glob
-
-        out = [f"files: '{p}' matches no file; check the path (relative to where you run lmforge)"
-               for p in self.files if not glob.glob(p)]
+        out = missing_files("files", self.files)
         out += [f"{k}: must be >= 1, got {getattr(self, k)}" for k in ("max_seq_length", "batch_size") if getattr(self, k) < 1]
         return out
 

@@ -13,7 +13,7 @@ import dataclasses
 
 import torch
 
-from lmforge.config import UserError, help_field
+from lmforge.config import UserError, help_field, missing_files
 from lmforge.datasets.batching import IGNORE_INDEX
 
 
@@ -35,13 +35,11 @@ class GenerationGroup:
         return bool(self.files)
 
     def problems(self) -> list[str]:
-        import glob
         from pathlib import Path
 
         from lmforge.evaluation.metrics import metric_problems
 
-        out = [f"files: '{p}' matches no file; check the path (relative to where you run lmforge)"
-               for p in self.files if not glob.glob(p)]
+        out = missing_files("files", self.files)
         out += metric_problems(self.metrics)
         if self.enabled and not self.metrics:
             out.append("metrics: empty; name at least one of exact_match, rouge_l, chrf, bleu")
