@@ -1,17 +1,33 @@
-"""Our training loop vs `transformers.Trainer`: same model, same packed data, same cores, one process.
+"""Our training loop vs `transformers.Trainer`: same model, same data, same cores, one process.
 
-    .venv/bin/python bench/train_throughput.py [--steps 60] [--layers 4] [--hidden 256] [--seq 256]
+    .venv/bin/python bench/train_throughput.py [--steps 30] [--layers 4] [--hidden 512] [--seq 256] [--batch 8]
+        [--vocab 32000] [--precision auto|no|bf16] [--compile] [--loss-impl logits|fused_linear_ce]
+        [--repeats 2] [--trainer defaults|best] [--no-memory]
 
-Both train a fresh Llama-style model (same seed, same init) for the same number of optimizer steps
-with AdamW, cosine schedule and clipping, no evaluation and no checkpoints; the timer covers the
-training call only (model and data are built beforehand). Prints tokens/s for each, the ratio
-(ours / Trainer, higher is better) and our MFU against the measured matmul peak.
+Both train a fresh Llama-style model (same seed, same init, same synthetic token blocks: random ids
+over the whole vocabulary, so a 32k vocabulary costs what it costs in real training) for the same
+optimizer steps with AdamW, cosine schedule and clipping, no evaluation, no checkpoints. The runs
+alternate (Trainer, ours, Trainer, ours, ...) because the machine is shared and its speed drifts.
+
+- tokens/s: the median over steady-state steps (the first ``--warmup`` steps, which pay
+  torch.compile and allocator warm-up, are left out), per run; the table shows the median of runs.
+- loss: the mean training loss of the last 5 steps (the curves must agree to about 1%).
+- MFU: against the measured matmul peak of the dtype each side trains in.
+- peak memory: each configuration once more in a fresh subprocess, its peak RSS minus the RSS
+  after the model and data were built (one process cannot give back memory between runs).
+
+``--trainer best`` (default) gives Trainer its best settings on this machine: bf16 where lmforge's
+precision probe finds bf16 faster, and ``torch_compile=True`` when ``--compile`` is given;
+``--trainer defaults`` runs it as a user would out of the box (fp32, eager).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -22,82 +38,179 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=60)
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5, help="steps left out of tokens/s (compilation, warm-up)")
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
-    args = ap.parse_args()
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--precision", default="auto", choices=["auto", "no", "bf16", "fp16"], help="ours: train.mixed_precision")
+    ap.add_argument("--compile", action="store_true", help="ours: train.compile (and Trainer's torch_compile with --trainer best)")
+    ap.add_argument("--loss-impl", default="logits", choices=["logits", "fused_linear_ce"], help="ours: train.loss_impl")
+    ap.add_argument("--trainer", default="best", choices=["best", "defaults"])
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument("--only", choices=["ours", "trainer"], help=argparse.SUPPRESS)  # memory subprocess
+    return ap.parse_args(argv)
 
+
+def model_and_data(args):
+    import datasets
     import torch
     from accelerate.utils import set_seed
-    from transformers import Trainer, TrainingArguments
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from lmforge.config import load
-    from lmforge.datasets.lm import build_lm_datasets
-    from lmforge.models import load_causal_lm, load_tokenizer
-    from lmforge.stages import pretrain
-    from lmforge.train import loop
-    from lmforge.train.flops import flops_per_token, peak_flops
-    from lmforge.train.tasks import CausalLM
+    g = torch.Generator().manual_seed(0)
+    n_blocks = args.steps * args.batch
+    ids = torch.randint(0, args.vocab, (n_blocks, args.seq), generator=g)
+    data = datasets.Dataset.from_dict({"input_ids": ids.tolist()}).with_format("torch")
+    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
+                         num_hidden_layers=args.layers, num_attention_heads=max(args.hidden // 64, 1),
+                         num_key_value_heads=max(args.hidden // 64, 1), max_position_embeddings=args.seq)
+    set_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    return model, data
 
-    tmp = Path(tempfile.mkdtemp(prefix="lmforge-bench-"))
-    model_keys = [
-        f"model.config.hidden_size={args.hidden}", f"model.config.intermediate_size={args.hidden * 8 // 3}",
-        f"model.config.num_hidden_layers={args.layers}", f"model.config.num_attention_heads={args.hidden // 64}",
-        f"model.config.num_key_value_heads={args.hidden // 64}", f"model.config.max_position_embeddings={args.seq}",
-    ]
-    cfg = load(pretrain.Config, ROOT / "recipes/tiny/pretrain.yaml", [
-        f"output_dir={tmp / 'ours'}", f"data.block_size={args.seq}", f"train.max_steps={args.steps}",
-        f"train.per_device_train_batch_size={args.batch}", "eval.eval_every=0", "checkpoint.save_every=0",
-        "log.trackers=[]", f"log.log_every={args.steps}", "schedule.warmup_steps=4", *model_keys,
-    ])
-    tok = load_tokenizer(cfg.model)
-    train_ds, _ = build_lm_datasets(cfg.data, tok, cfg.seed)
-    tokens = args.steps * args.batch * args.seq
-    print(f"model: llama {args.layers} layers, hidden {args.hidden}, seq {args.seq}; batch {args.batch}; "
-          f"{args.steps} steps; {len(train_ds)} blocks; torch threads {torch.get_num_threads()}")
 
-    # ---- transformers.Trainer (baseline) ----
-    set_seed(cfg.seed)
-    model = load_causal_lm(cfg.model, tok)
+def trainer_precision(args) -> str:
+    if args.trainer == "defaults":
+        return "no"
+    import torch
+
+    from lmforge.train.precision import auto_mixed_precision
+
+    return auto_mixed_precision("cuda" if torch.cuda.is_available() else "cpu")[0]
+
+
+def run_trainer(args, tmp: Path) -> dict:
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    model, data = model_and_data(args)
+    mp = trainer_precision(args)
+    stamps: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *a, **k):
+            stamps.append(time.perf_counter())
+
     targs = TrainingArguments(
         output_dir=str(tmp / "trainer"), per_device_train_batch_size=args.batch, max_steps=args.steps,
-        learning_rate=cfg.optim.learning_rate, weight_decay=cfg.optim.weight_decay, adam_beta1=cfg.optim.adam_beta1,
-        adam_beta2=cfg.optim.adam_beta2, max_grad_norm=cfg.optim.max_grad_norm, lr_scheduler_type="cosine",
-        warmup_steps=4, logging_steps=args.steps, save_strategy="no", eval_strategy="no", report_to=[],
-        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, seed=cfg.seed, disable_tqdm=True,
+        learning_rate=3e-4, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0,
+        lr_scheduler_type="cosine", warmup_steps=4, logging_steps=1, save_strategy="no", eval_strategy="no",
+        report_to=[], use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, seed=0, disable_tqdm=True,
+        bf16=mp == "bf16", fp16=mp == "fp16", torch_compile=args.compile and args.trainer == "best",
     )
-    hf_ds = train_ds.with_format(None).map(lambda b: {"labels": b["input_ids"]}, batched=True)
-    trainer = Trainer(model=model, args=targs, train_dataset=hf_ds)
-    t = time.perf_counter()
+    hf = data.with_format(None).map(lambda b: {"labels": b["input_ids"]}, batched=True)
+    trainer = Trainer(model=model, args=targs, train_dataset=hf, callbacks=[Clock()])
+    base_rss = rss_mb()
+    start = time.perf_counter()
     trainer.train()
-    t_trainer = time.perf_counter() - t
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    times = [b - a for a, b in zip([start, *stamps], stamps, strict=False)]
+    out = summarise(args, times, losses, mp, base_rss)
     del trainer, model
+    return out
 
+
+def run_ours(args, tmp: Path) -> dict:
     from accelerate.state import AcceleratorState, GradientState
+
+    from lmforge.config import load
+    from lmforge.stages import pretrain
+    from lmforge.train import loop
+    from lmforge.train.tasks import CausalLM, fused_head
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-
-    # ---- lmforge loop ----
+    out_dir = tmp / f"ours-{time.time_ns()}"
+    cfg = load(pretrain.Config, ROOT / "recipes/tiny/pretrain.yaml", [
+        f"output_dir={out_dir}", f"data.block_size={args.seq}", f"train.max_steps={args.steps}",
+        f"train.per_device_train_batch_size={args.batch}", "eval.eval_every=0", "checkpoint.save_every=0",
+        "log.trackers=[]", "log.log_every=1", "schedule.warmup_steps=4", "schedule.min_lr=0.0", "optim.learning_rate=3e-4",
+        "optim.weight_decay=0.1", "optim.max_grad_norm=1.0",
+        f"train.mixed_precision={args.precision}", f"train.compile={str(args.compile).lower()}",
+        f"train.loss_impl={args.loss_impl}",
+    ])
     acc = loop.setup(cfg)
-    model = load_causal_lm(cfg.model, tok)
-    t = time.perf_counter()
-    loop.run(acc, cfg, model, CausalLM(args.seq), train_ds, None, tokenizer=tok, save_final=False)
-    t_ours = time.perf_counter() - t
+    model, data = model_and_data(args)
+    base_rss = rss_mb()
+    loop.run(acc, cfg, model, CausalLM(args.seq, fused=fused_head(cfg.train)), data, None, save_final=False)
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["split"] == "train"]
+    times = [args.batch * args.seq / r["tokens_per_s"] for r in train]
+    return summarise(args, times, [r["loss"] for r in train], acc.mixed_precision, base_rss)
 
+
+def summarise(args, step_times: list[float], losses: list[float], precision: str, base_rss: float) -> dict:
+    steady = step_times[args.warmup:] or step_times
+    return {"tokens_per_s": args.batch * args.seq / statistics.median(steady), "loss": statistics.fmean(losses[-5:]),
+            "precision": precision or "no", "rss_mb": rss_mb() - base_rss}
+
+
+def rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_memory(side: str, argv: list[str]) -> float | None:
+    """Peak RSS growth (MB) of one run in a fresh process."""
+    cmd = [sys.executable, __file__, *argv, "--only", side, "--repeats", "1", "--no-memory"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    for line in r.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])["rss_mb"]
+    print(f"  (memory run for {side} failed: {r.stderr.strip().splitlines()[-1:]})")
+    return None
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse(argv)
+    import torch
+
+    from lmforge.train.flops import flops_per_token, peak_flops
+
+    tmp = Path(tempfile.mkdtemp(prefix="lmforge-bench-"))
+    if args.only:  # one run for the memory figure
+        res = (run_ours if args.only == "ours" else run_trainer)(args, tmp)
+        print("RESULT " + json.dumps(res))
+        return 0
+
+    print(f"model: llama {args.layers} x {args.hidden}, vocab {args.vocab}, seq {args.seq}, batch {args.batch}; "
+          f"{args.steps} steps ({args.warmup} warm-up left out); torch threads {torch.get_num_threads()}; "
+          f"cpu capability {torch.backends.cpu.get_cpu_capability()}")
+    print(f"ours: precision={args.precision} compile={args.compile} loss_impl={args.loss_impl}; "
+          f"Trainer: {args.trainer} settings")
+    results: dict[str, list[dict]] = {"trainer": [], "ours": []}
+    for i in range(args.repeats):  # A B A B: drift on a shared machine hits both sides alike
+        results["trainer"].append(run_trainer(args, tmp))
+        results["ours"].append(run_ours(args, tmp))
+        print(f"  repeat {i + 1}: Trainer {results['trainer'][-1]['tokens_per_s']:.0f} tok/s, "
+              f"ours {results['ours'][-1]['tokens_per_s']:.0f} tok/s")
+    model, _ = model_and_data(args)
     n_params = sum(p.numel() for p in model.parameters())
-    n_emb = model.get_input_embeddings().weight.numel()
-    fpt = flops_per_token(n_params - n_emb, args.layers, args.hidden, args.seq)
-    peak = peak_flops(acc.device, torch.float32)
-    ours, theirs = tokens / t_ours, tokens / t_trainer
-    print(f"{'':22s}{'tokens/s':>12s}{'MFU':>9s}")
-    print(f"{'transformers.Trainer':22s}{theirs:12.0f}{fpt * theirs / peak:9.3f}")
-    print(f"{'lmforge loop':22s}{ours:12.0f}{fpt * ours / peak:9.3f}")
-    print(f"ratio lmforge/Trainer: {ours / theirs:.3f}   (peak {peak / 1e9:.1f} GFLOP/s measured by matmul probe)")
+    fpt = flops_per_token(n_params - model.get_input_embeddings().weight.numel(), args.layers, args.hidden, args.seq)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    memory = {} if args.no_memory else {side: peak_memory(side, argv) for side in results}
+    print(f"\n{'':22s}{'tokens/s':>10s}{'precision':>11s}{'MFU':>8s}{'loss':>9s}{'peak MB':>9s}")
+    row = {}
+    for side, label in (("trainer", "transformers.Trainer"), ("ours", "lmforge loop")):
+        tps = statistics.median(r["tokens_per_s"] for r in results[side])
+        prec = results[side][0]["precision"]
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec, torch.float32)
+        mfu = fpt * tps / peak_flops(device, dtype)
+        loss = statistics.fmean(r["loss"] for r in results[side])
+        mem = memory.get(side)
+        row[side] = (tps, loss, mem)
+        print(f"{label:22s}{tps:10.0f}{prec:>11s}{mfu:8.3f}{loss:9.4f}{mem if mem is not None else float('nan'):9.0f}")
+    (t_tps, t_loss, t_mem), (o_tps, o_loss, o_mem) = row["trainer"], row["ours"]
+    print(f"ratio lmforge/Trainer: tokens/s {o_tps / t_tps:.3f}, final loss {o_loss / t_loss:.4f}"
+          + (f", peak memory {o_mem / t_mem:.3f}" if o_mem and t_mem else ""))
     return 0
 
 

@@ -19,6 +19,9 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
 os.environ.setdefault("LMFORGE_CACHE", str(ROOT / ".cache" / "lmforge"))
+# train.mixed_precision defaults to auto, which picks bf16 on CPUs with AVX512-BF16: the suite pins it to fp32 so
+# numeric comparisons hold on every CPU kind (tests/test_precision.py tests the probe and the resolution).
+os.environ.setdefault("LMFORGE_AUTO_PRECISION", "no")
 
 
 @pytest.fixture(autouse=True)

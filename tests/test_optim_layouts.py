@@ -31,7 +31,8 @@ def launch(layout: str, out: Path, *overrides: str) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
 
 
-@pytest.mark.parametrize("optim", ["adamw", "lion"])
+# lion under ZeRO-2 is the same proof for a hand-written optimizer: make test-slow (keeps make test under 20 min)
+@pytest.mark.parametrize("optim", ["adamw", pytest.param("lion", marks=pytest.mark.slow)])
 def test_llrd_groups_survive_zero2(tmp_path, optim):
     extra = [f"optim.name={optim}"] + (["optim.learning_rate=1e-3"] if optim == "lion" else [])
     ddp = launch("multi_cpu", tmp_path / "ddp", *extra)

@@ -123,3 +123,33 @@ def test_train_mixed_precision_auto_uses_the_probe_answer(tmp_path):
         "schedule.warmup_steps=0", "eval.eval_every=0", "checkpoint.save_every=0", "data.block_size=32"])
     pretrain.main(cfg)
     assert json.loads((tmp_path / "summary.json").read_text())["mixed_precision"] == auto_mixed_precision("cpu")[0]
+
+
+def test_resolution_order(fake_probe, monkeypatch):
+    """Explicit values win; auto takes a launch's bf16/fp16, else the probe; the pin overrides the probe."""
+    monkeypatch.delenv(precision.PIN_ENV, raising=False)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert precision.resolve_mixed_precision("no", "cpu")[0] == "no"
+    assert precision.resolve_mixed_precision("bf16", "cpu")[0] == "bf16"
+    assert precision.resolve_mixed_precision(None, "cpu")[0] is None  # the accelerate config decides
+    assert precision.resolve_mixed_precision("auto", "cpu")[0] == "bf16"  # the fake probe: 2x faster
+    fake_probe["speedup"] = 1.0
+    monkeypatch.setenv("LMFORGE_CACHE", str(precision.cache_path().parent / "other"))  # a fresh cache
+    assert precision.resolve_mixed_precision("auto", "cpu")[0] == "no"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    got, why = precision.resolve_mixed_precision("auto", "cpu")
+    assert got == "fp16" and "accelerate config" in why
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # 'no' in the accelerate config: the probe decides
+    assert precision.resolve_mixed_precision("auto", "cpu")[0] == "no"
+    monkeypatch.setenv(precision.PIN_ENV, "bf16")
+    assert precision.resolve_mixed_precision("auto", "cpu") == ("bf16", f"pinned by {precision.PIN_ENV}")
+    monkeypatch.setenv(precision.PIN_ENV, "fp8")
+    with pytest.raises(UserError, match="must be no, bf16 or fp16"):
+        precision.resolve_mixed_precision("auto", "cpu")
+
+
+
+def test_auto_is_the_default():
+    from lmforge.train.settings import TrainConfig
+
+    assert TrainConfig().mixed_precision == "auto"

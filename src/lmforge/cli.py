@@ -30,6 +30,7 @@ TOOLS: dict[str, str] = {
     "export": "lmforge.tools.export:cli",
     "generate": "lmforge.tools.generate:cli",
     "launch": "lmforge.tools.launch:cli",
+    "inspect": "lmforge.tools.inspect:cli",
 }
 
 USAGE = """usage: lmforge <command> [args]

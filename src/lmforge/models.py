@@ -19,7 +19,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from lmforge.config import UserError, help_field
+from lmforge.config import UserError, help_field, nested
+from lmforge.init_weights import InitConfig, apply_init
 
 
 @dataclasses.dataclass
@@ -32,6 +33,7 @@ class ModelConfig:
     trust_remote_code: bool = help_field(False, help="Allow model code from the hub; only for models you trust.")
     attn_implementation: str | None = help_field(None, help="'sdpa', 'eager', 'flash_attention_2', ... (default: transformers' choice).")
     dtype: str = help_field("float32", help="Weights' dtype when loading: float32, bfloat16, float16, auto.")
+    init: InitConfig = nested(InitConfig)
 
     def problems(self) -> list[str]:
         out = []
@@ -47,6 +49,8 @@ class ModelConfig:
             out.append("tokenizer: required when the model is built from a config (a tokenizer folder or hub id)")
         if self.tokenizer and _looks_local(self.tokenizer) and not Path(self.tokenizer).exists():
             out.append(f"tokenizer: '{self.tokenizer}' does not exist; give a tokenizer folder or a hub id")
+        if self.name_or_path and (self.init.scheme != "hf" or self.init.embedding_std is not None):
+            out.append("init: only read when the model is built from model.config; remove it (name_or_path loads trained weights)")
         if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
             out.append(f"dtype: must be float32, bfloat16, float16 or auto, got '{self.dtype}'")
         return out
@@ -175,6 +179,12 @@ def load_causal_lm(cfg: ModelConfig, tokenizer=None, **config_overrides: Any):
         except OSError as e:
             raise UserError(f"model.name_or_path: cannot load '{cfg.name_or_path}' ({str(e).splitlines()[0]})") from None
     _fit_vocab(model, tokenizer)
+    if cfg.config and (cfg.init.scheme != "hf" or cfg.init.embedding_std is not None):
+        # after _fit_vocab, so rows added for the tokenizer are drawn by the scheme too
+        import logging
+
+        for family, how in apply_init(model, cfg.init).items():
+            logging.getLogger("lmforge").info("model.init %s: %s", family, how)
     return model
 
 

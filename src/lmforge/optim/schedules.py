@@ -24,13 +24,14 @@ from typing import Any, Literal
 
 import torch
 
-from lmforge.config import UserError, help_field, only_for
+from lmforge.config import UserError, help_field, nested, only_for
+from lmforge.optim.plateau import PlateauConfig
 
 log = logging.getLogger(__name__)
 
 ScheduleName = Literal[
     "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
-    "inverse_sqrt", "noam", "step", "one_cycle", "wsd",
+    "inverse_sqrt", "noam", "step", "one_cycle", "wsd", "plateau",
 ]
 
 # Keys that only some schedules read: setting one for another schedule is an error, not a no-op.
@@ -42,9 +43,11 @@ _ONLY_FOR = {
     "decay_fraction": ("wsd",), "decay_shape": ("wsd",),
     "pct_start": ("one_cycle",), "div_factor": ("one_cycle",), "final_div_factor": ("one_cycle",),
     "anneal_strategy": ("one_cycle",), "three_phase": ("one_cycle",),
+    "plateau": ("plateau",),
 }
 _NO_WARMUP = ("constant", "one_cycle")  # constant: use constant_with_warmup; one_cycle: use pct_start
-_NO_MIN_LR = ("constant", "constant_with_warmup", "cosine_with_restarts", "inverse_sqrt", "noam", "step", "one_cycle")
+_NO_MIN_LR = ("constant", "constant_with_warmup", "cosine_with_restarts", "inverse_sqrt", "noam", "step", "one_cycle",
+              "plateau")  # plateau: schedule.plateau.min_lr
 _NEED_WARMUP = ("inverse_sqrt", "noam")
 
 
@@ -68,6 +71,7 @@ class ScheduleConfig:
     final_div_factor: float = help_field(1e4, help="one_cycle: final lr = initial lr / final_div_factor.")
     anneal_strategy: Literal["cos", "linear"] = help_field("cos", help="one_cycle: annealing shape.")
     three_phase: bool = help_field(False, help="one_cycle: rise, fall back to the initial lr, then anneal to the final lr.")
+    plateau: PlateauConfig = nested(PlateauConfig)  # plateau: reduce on a stalled validation loss
 
     def problems(self) -> list[str]:
         out = []
@@ -152,15 +156,19 @@ def make_schedule(cfg: ScheduleConfig, peak_lr: float, max_steps: int, model_con
     if lo >= peak_lr and cfg.name in ("linear", "cosine", "polynomial", "wsd"):
         raise UserError(f"schedule.min_lr: {lo} must be below optim.learning_rate={peak_lr}")
 
-    if cfg.name in ("constant", "constant_with_warmup", "inverse_sqrt", "cosine_with_restarts"):
+    if cfg.name in ("constant", "constant_with_warmup", "inverse_sqrt", "cosine_with_restarts", "plateau"):
         kw = {"num_cycles": cfg.num_cycles} if cfg.name == "cosine_with_restarts" else {}
-        lam = _hf_lambda(cfg.name, peak_lr, W, T, **kw)
+        # plateau: this is its base; the loop multiplies it by lmforge.optim.plateau.Plateau's scale
+        lam = _hf_lambda("constant_with_warmup" if cfg.name == "plateau" else cfg.name, peak_lr, W, T, **kw)
         doc = {
             "constant": "lr = peak.",
             "constant_with_warmup": "1) warmup peak·step/W  2) peak.",
             "inverse_sqrt": "peak·min(step/W, sqrt(W/step)): 1) warmup peak·step/W  2) peak·sqrt(W/step).",
             "cosine_with_restarts": "1) warmup peak·step/W  2) num_cycles hard restarts of "
                                     "peak·½(1 + cos(π·((num_cycles·progress) mod 1))).",
+            "plateau": "1) warmup peak·step/W  2) peak·factor^k, k = reductions so far: one each time the validation "
+                       "loss has not improved for more than patience evaluations (torch ReduceLROnPlateau), "
+                       "never below plateau.min_lr.",
         }[cfg.name]
     elif cfg.name == "linear" and lo == 0:
         lam = _hf_lambda("linear", peak_lr, W, T)

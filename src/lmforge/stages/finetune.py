@@ -51,7 +51,7 @@ from lmforge.train import loop
 from lmforge.train.accel import is_deepspeed, is_sharded
 from lmforge.train.evaluate import evaluate
 from lmforge.train.settings import TrainingRecipe
-from lmforge.train.tasks import SFT, Classification
+from lmforge.train.tasks import SFT, Classification, fused_head
 
 log = logging.getLogger("lmforge")
 
@@ -86,6 +86,11 @@ class Config(TrainingRecipe):
         if self.data.packing and m.prompt_learning:
             out.append(f"data.packing: peft.method={self.peft.method} prepends virtual tokens to every row, which packed "
                        "examples cannot share; set data.packing=false (length-grouped batching is used instead)")
+        if self.train.loss_impl == "fused_linear_ce" and (self.task == "classification" or m.prompt_learning):
+            what = "task: classification has no LM head" if self.task == "classification" else \
+                f"peft.method={self.peft.method} prepends virtual tokens the head must see"
+            out.append(f"train.loss_impl: fused_linear_ce is for SFT through the model's own LM head ({what}); "
+                       "use train.loss_impl: logits")
         # train.* keys the pretraining objective reads but fine-tuning does not: refuse rather than ignore.
         out += self.pretrain_only_problems()
         if self.export.merge and not m.mergeable:
@@ -120,7 +125,8 @@ def train(cfg: Config) -> tuple[loop.RunResult, torch.nn.Module, Any]:
             task = Classification(len(label_names), cfg.data.max_seq_length, collate=ClassificationCollator(tokenizer.pad_token_id))
         else:
             train_ds, val_ds, stats = build_sft_datasets(cfg.data, tokenizer, cfg.seed)
-            task = SFT(tokenizer.pad_token_id, cfg.data.max_seq_length, collate=SFTCollator(tokenizer.pad_token_id))
+            task = SFT(tokenizer.pad_token_id, cfg.data.max_seq_length, collate=SFTCollator(tokenizer.pad_token_id),
+                       fused=fused_head(cfg.train))
     if acc.is_main_process:
         print(f"data: {describe_stats(stats)}")
 

@@ -40,9 +40,12 @@ def launched_layout() -> str:
 def make_accelerator(
     *, gradient_accumulation_steps: int, mixed_precision: str | None, project_dir: str,
     max_grad_norm: float | None, log_with: list[str] | None = None, micro_batch_size: int | None = None,
+    find_unused_parameters: bool = False,
 ):
+    """The Accelerator for the launched layout. ``find_unused_parameters``: DDP tolerates parameters that
+    get no gradient in a step (stochastic depth skips whole blocks)."""
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     has_gpu = torch.cuda.is_available()
     layout = launched_layout()
@@ -60,6 +63,8 @@ def make_accelerator(
             kwargs["cpu"] = True
     if mixed_precision is not None:
         kwargs["mixed_precision"] = mixed_precision
+    if find_unused_parameters:
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
     acc = Accelerator(
         gradient_accumulation_steps=gradient_accumulation_steps, project_dir=project_dir,
         log_with=log_with or None, kwargs_handlers=handlers, **kwargs,

@@ -28,25 +28,13 @@ weight: the weight's gradient exists anyway after backward). With bf16/fp16 weig
 copy of the weight and an fp32 gradient accumulator during the forward (2 × 2·V·H bytes), the
 price of fp32 accumulation.
 
-Wiring into the training loop (``causal_fused_loss(model, batch, label_smoothing)``, a design
-note; not built yet)::
-
-    hidden_fn, weight, bias = hidden_and_head(model)
-    hidden = hidden_fn(batch)                                       # (batch, seq, H), no logits
-    labels = F.pad(batch["labels"][:, 1:], (0, 1), value=-100)      # next token, -100 at the end
-    loss_sum, n_tokens = fused_linear_ce(hidden, weight, labels, bias, label_smoothing=eps)
-    return {"loss_sum": loss_sum, "n_tokens": n_tokens}
-
-- eval: ``n_correct`` needs an argmax over the vocabulary; keep the logits path in eval mode (no
-  gradients, so no (N, V) gradient) or add a chunked argmax; smoothing only in training, as now.
-- DDP: gradients are only reduced when the forward runs through the DDP wrapper, so wrap the
-  model in a small module whose ``forward(batch)`` calls the lines above, and ``accelerate.prepare``
-  that module (``hidden_and_head`` refuses a DDP-wrapped model for this reason).
-- DeepSpeed ZeRO-3 / FSDP: the head's forward is never called, so its weight is not gathered by
-  their hooks (under ZeRO-3 ``weight`` has shape (0,)); gather it around the loss
-  (``deepspeed.zero.GatheredParameters([weight])``) or keep the logits path for sharded layouts.
-- Verify a new architecture once: the fused loss on one batch must equal the model's logits-based
-  loss (``tests/test_fused_ce.py`` does this for Llama, GPT-2 and GPT-NeoX).
+In training (``train.loss_impl: fused_linear_ce``) :class:`lmforge.train.tasks.FusedHead` runs the
+model through its (DDP / DeepSpeed / compiled) wrapper with ``logits_to_keep=1``, takes the body's
+``last_hidden_state`` from a forward hook, and calls :func:`fused_linear_ce` on it with the head's
+weight; evaluation keeps the logits path (accuracy needs the argmax; no gradients are held there).
+ZeRO-3 and FSDP are refused: the head's weight is a shard outside its own forward.
+Verify a new architecture once: the fused loss on one batch must equal the model's logits-based
+loss (``tests/test_fused_ce.py`` does this for Llama, GPT-2 and GPT-NeoX).
 """
 
 from __future__ import annotations
@@ -325,6 +313,22 @@ def _head_linear(head: torch.nn.Module | None, name: str) -> torch.nn.Module:
     return head
 
 
+def body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear]:
+    """(the model body whose output's ``last_hidden_state`` feeds the head, the head nn.Linear) of a
+    transformers causal LM, optionally peft-wrapped; a UserError when the fused loss cannot be used."""
+    lm = _unwrap_peft(model)
+    name = type(lm).__name__
+    for attr in _LOGIT_TRANSFORMS:
+        value = getattr(getattr(lm, "config", None), attr, None)
+        if value not in (None, 0, 1, 0.0, 1.0):
+            raise UserError(f"{name} transforms its logits after the head (config.{attr}={value}); use the logits loss")
+    get_head = getattr(lm, "get_output_embeddings", None)
+    body = getattr(lm, "base_model", lm)
+    if get_head is None or body is lm:
+        raise UserError(f"{name} is not a transformers model with a language-model head (get_output_embeddings)")
+    return body, _head_linear(get_head(), name)
+
+
 def hidden_and_head(
     model: torch.nn.Module,
 ) -> tuple[Callable[[Batch], torch.Tensor], torch.Tensor, torch.Tensor | None]:
@@ -336,17 +340,7 @@ def hidden_and_head(
     the last hidden states (batch, seq, H) without computing logits; ``weight`` (V, H) and ``bias``
     (V,) or None are the output layer's (``model.get_output_embeddings()``), so
     ``hidden_fn(batch) @ weight.T + bias`` are the model's logits."""
-    lm = _unwrap_peft(model)
-    name = type(lm).__name__
-    for attr in _LOGIT_TRANSFORMS:
-        value = getattr(getattr(lm, "config", None), attr, None)
-        if value not in (None, 0, 1, 0.0, 1.0):
-            raise UserError(f"{name} transforms its logits after the head (config.{attr}={value}); use the logits loss")
-    get_head = getattr(lm, "get_output_embeddings", None)
-    body = getattr(lm, "base_model", lm)
-    if get_head is None or body is lm:
-        raise UserError(f"{name} is not a transformers model with a language-model head (get_output_embeddings)")
-    head = _head_linear(get_head(), name)
+    body, head = body_and_head(model)
 
     def hidden_fn(batch: Batch) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k != "labels"}

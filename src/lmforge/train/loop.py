@@ -37,6 +37,7 @@ from lmforge.config import UserError, dump, to_dict
 from lmforge.datasets.batching import RankBatches
 from lmforge.optim.optimizers import build_optimizer
 from lmforge.optim.param_groups import build_param_groups
+from lmforge.optim.plateau import Plateau
 from lmforge.optim.schedules import apply_lr, make_schedule
 from lmforge.train import checkpoint
 from lmforge.train.accel import full_numel, is_deepspeed, is_sharded, layout_info, make_accelerator
@@ -46,6 +47,7 @@ from lmforge.train.flops import flops_per_token, model_dims, peak_flops
 from lmforge.train.metrics import MetricsLog, available_trackers, flat_config
 from lmforge.train.plots import plot_training
 from lmforge.train.regularize import check_finite, early_stop
+from lmforge.train.robust import StochasticDepth, add_grad_noise
 from lmforge.train.save import save_model
 from lmforge.train.tasks import Task
 
@@ -77,19 +79,19 @@ def setup(cfg) -> Any:
     if cfg.resume == "auto" and non_empty:
         _check_resume(cfg, out)
     trackers = available_trackers(cfg.log.trackers)
-    precision = cfg.train.mixed_precision
-    if precision == "auto":
-        from lmforge.train.precision import auto_mixed_precision
+    from lmforge.train.precision import resolve_mixed_precision
 
-        precision, why = auto_mixed_precision("cuda" if torch.cuda.is_available() else "cpu")
-        log.info("train.mixed_precision=auto -> %s (%s)", precision, why)
+    precision, why = resolve_mixed_precision(cfg.train.mixed_precision, "cuda" if torch.cuda.is_available() else "cpu")
     acc = make_accelerator(
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps, mixed_precision=precision,
         project_dir=str(out), log_with=trackers, micro_batch_size=cfg.train.per_device_train_batch_size,
         max_grad_norm=cfg.optim.max_grad_norm,  # under DeepSpeed the engine clips: the recipe sets its value
+        find_unused_parameters=cfg.train.stochastic_depth.rate > 0,  # a skipped block gets no gradient
     )
     if not acc.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)
+    acc.lmforge_precision_reason = why  # read back into summary.json by run()
+    log.info("mixed precision: %s (train.mixed_precision=%s: %s)", acc.mixed_precision, cfg.train.mixed_precision, why)
     import transformers
 
     transformers.utils.logging.set_verbosity_warning()
@@ -190,8 +192,37 @@ def run(
     groups = param_groups if param_groups is not None else build_param_groups(model, cfg.optim)
     optimizer = build_optimizer(cfg.optim, groups)
     hf_config = getattr(model, "config", None)
+    if tc.compile:
+        # Inductor's deterministic mode skips the on-machine benchmarking that can pick other kernels from one
+        # process to the next (seen here: two identical compiled runs differing in the 7th digit by step 5), so a
+        # resumed compiled run matches the uninterrupted one; TORCHINDUCTOR_DETERMINISTIC=0 trades that for speed.
+        import os
+
+        import torch._inductor.config as inductor_config
+
+        inductor_config.deterministic = os.environ.get("TORCHINDUCTOR_DETERMINISTIC", "1") == "1"
+        # nn.Module.compile compiles in place: the module (and its state-dict keys, so checkpoints and
+        # save_pretrained) stay as they were, unlike torch.compile's `_orig_mod.` wrapper
+        model.compile()
+        log.info("train.compile: the model is compiled by torch.compile; the first steps (and the first evaluation) "
+                 "pay the compilation")
+    # stochastic depth before prepare (it rebinds the blocks' forward, which every wrapper then calls)
+    depth = StochasticDepth.maybe(tc.stochastic_depth, model, cfg.seed)
     model, optimizer = acc.prepare(model, optimizer)
+    if tc.grad_noise.eta > 0 and is_deepspeed(acc):
+        raise UserError("train.grad_noise: DeepSpeed clips and steps inside backward, leaving no point to add the noise "
+                        "at; use accelerate_configs/ddp.yaml or multi_cpu.yaml, or set train.grad_noise.eta=0")
+    if getattr(task, "fused", None) is not None:
+        if is_sharded(acc):
+            raise UserError("train.loss_impl: fused_linear_ce needs the LM head's whole weight, which ZeRO-3 and FSDP keep "
+                            "sharded outside its forward; use train.loss_impl: logits with this accelerate config")
+        task.bind(acc.unwrap_model(model))
+        log.info("train.loss_impl: fused_linear_ce (the logits of the training loss are never held whole)")
     lr_at = make_schedule(cfg.schedule, cfg.optim.learning_rate, T, model_config=hf_config)
+    plateau = Plateau.maybe(cfg.schedule)  # schedule.name: plateau scales lr_at by its reductions
+    if plateau is not None and eval_data is None:
+        raise UserError("schedule.name: plateau needs a validation set (it reduces the lr on the validation loss); "
+                        "give the stage validation data or choose another schedule")
     ema = EMA.maybe(tc.ema, acc, model)  # registered for checkpointing before resume, so resume restores it
     if batches is None:
         batches = RankBatches(train_data, tc.per_device_train_batch_size, task.collate, cfg.seed, acc.process_index,
@@ -207,6 +238,8 @@ def run(
     if resume_from is not None:
         state = checkpoint.load(acc, resume_from)
         log.info("resumed from %s at step %d", resume_from, state["step"])
+        if plateau is not None and "plateau" in state:
+            plateau.load_state_dict(state["plateau"])
     metrics = MetricsLog(out / "metrics.jsonl", acc, resume_step=state["step"] if resume_from else None)
     if acc.log_with:
         acc.init_trackers(cfg.log.project_name, config=flat_config(to_dict(cfg)))
@@ -238,10 +271,14 @@ def run(
     eval_every, save_every = cfg.eval.eval_every, cfg.checkpoint.save_every
 
     deepspeed = is_deepspeed(acc)
+    clock = PhaseClock(acc.device)
+    window_phases: dict[str, float] = {}
+    profiler = Profiler(out / "profile", acc, tc.profile_steps) if tc.profile else None
     while state["step"] < stop:
         t0 = time.perf_counter()
+        clock.start()
         step = state["step"]
-        lr = lr_at(step)
+        lr = lr_at(step) if plateau is None else plateau.lr(lr_at(step))
         apply_lr(optimizer, lr)  # each group: lr * its lr_scale (layer-wise decay, per-module multipliers)
         micro = [batches.get(state["micro_batches"] + i) for i in range(gas)]
         micro = [{k: v.to(acc.device) for k, v in b.items()} for b in micro]
@@ -254,24 +291,34 @@ def run(
         # is (sum of token losses over the global batch) / (its token count).
         scale = acc.num_processes * gas / global_tokens
         step_loss = torch.zeros((), dtype=torch.float64, device=acc.device)
-        for b in micro:
+        clock.lap("data")
+        for i, b in enumerate(micro):
+            if depth is not None:  # the blocks this micro-batch skips: a function of (seed, micro-batch index)
+                depth.set_step(state["micro_batches"] + i)
             with acc.accumulate(model):
                 res = task.loss(model, b)
+                clock.lap("forward")
                 if deepspeed:  # accelerate's DeepSpeed backward also steps the engine: check the loss before it
                     check_finite(acc, res["loss_sum"].detach().double(), step + 1, ckpt_root)
                 acc.backward(res["loss_sum"] * scale.to(res["loss_sum"].dtype))
                 step_loss += res["loss_sum"].detach().double()
+                clock.lap("backward")
         check_finite(acc, step_loss, step + 1, ckpt_root)  # NaN/inf: stop before stepping or saving
         if is_deepspeed(acc):
             grad_norm = model.get_global_grad_norm()  # the engine stepped and clipped inside backward
         else:
             grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm or float("inf"))
+            if tc.grad_noise.eta > 0:  # after clipping; the same noise on every rank (seeded by step, not rank)
+                add_grad_noise(model.parameters(), tc.grad_noise.eta, tc.grad_noise.gamma, step, cfg.seed)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
         state["micro_batches"] += gas
         if ema is not None:
             ema.update(acc.unwrap_model(model), state["step"])
+        clock.lap("optimizer")
+        if profiler is not None:
+            profiler.step()
         input_tokens = float(input_tokens)
         state["tokens_seen"] += input_tokens
         state["padded_tokens_seen"] = state.get("padded_tokens_seen", 0.0) + float(padded_tokens)
@@ -287,12 +334,18 @@ def run(
             tps = window_input_tokens / max(window_time, 1e-9)
             row = {"loss": loss, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                    "tokens_per_s": tps, "mfu": fpt * tps / (peak * acc.num_processes), "tokens_seen": state["tokens_seen"]}
+            # milliseconds per step in each phase since the last row (this rank's clock)
+            window = clock.since(window_phases)
+            steps_in_window = max(window.pop("steps", 1.0), 1.0)
+            row.update({f"time_{k}_ms": 1000 * v / steps_in_window for k, v in window.items()})
+            window_phases = dict(clock.totals)
             metrics.write(step, "train", row)
             pbar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             first_loss = loss if first_loss is None else first_loss
             last_loss = loss
             window_loss.zero_()
             window_tokens, window_input_tokens, window_time = 0.0, 0.0, 0.0
+        clock.lap("logging")
 
         if eval_data is not None and ((eval_every and step % eval_every == 0) or step == T):
             with EMA.eval_weights(ema, acc, model):  # the averaged weights when train.ema.use_for_eval
@@ -301,14 +354,24 @@ def run(
             metrics.write(step, "eval", last_eval)
             if state["best_eval_loss"] is None or last_eval["loss"] < state["best_eval_loss"]:
                 state["best_eval_loss"] = last_eval["loss"]
+            if plateau is not None:
+                if plateau.step(last_eval["loss"], lr_at(step)):
+                    log.info("step %d: validation loss stalled; schedule.plateau cuts the lr to %.3g (reduction %d)",
+                             step, plateau.lr(lr_at(step)), plateau.reductions)
+                state["plateau"] = plateau.state_dict()  # checkpointed with the loop state
             log.info("step %d eval loss %.4f ppl %.2f acc %.3f", step, last_eval["loss"], last_eval["perplexity"], last_eval["accuracy"])
             if early_stop(tc.early_stopping, state, last_eval["loss"]):
                 stop = step  # checkpoint below, then leave the loop and save the final model
+            clock.lap("eval")
 
         if (save_every and step % save_every == 0) or (step == stop and stop < T):
             path = checkpoint.save(acc, ckpt_root, step, state, to_dict(cfg), cfg.checkpoint.keep_last)
             log.info("checkpoint: %s", path)
+            clock.lap("checkpoint")
+        clock.end_step()
     pbar.close()
+    if profiler is not None:
+        profiler.close()
 
     # 5) final model, plots, summary ------------------------------------------------------------------
     final_dir = None
@@ -333,6 +396,10 @@ def run(
             # real input tokens over padded positions (1.0 for packed blocks; SFT batches pad to the longest row)
             "padding_efficiency": (state["tokens_seen"] / state["padded_tokens_seen"]) if state.get("padded_tokens_seen") else None,
         }
+        summary["mixed_precision_reason"] = getattr(acc, "lmforge_precision_reason", None)
+        summary["compiled"], summary["loss_impl"] = tc.compile, tc.loss_impl
+        summary["phase_seconds"] = {k: v for k, v in clock.totals.items() if k != "steps"}
+        summary["phase_fraction"] = clock.fractions()
         summary["wall_time_s"] = time.perf_counter() - started
         summary["peak_rss_mb"] = peak_rss_mb()
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -369,8 +436,11 @@ def _report(out: Path, s: dict, cfg=None) -> str:
             ("first / last train loss", f"{s['first_train_loss']:.4f} / {s['train_loss']:.4f}" if s["train_loss"] is not None else "-"),
             ("validation loss / perplexity / accuracy",
              f"{ev['loss']:.4f} / {ev['perplexity']:.2f} / {ev['accuracy']:.3f}" if ev else "not evaluated"),
-            ("layout", f"{s['distributed_type']} x {s['num_processes']} ({s['model_wrapper']}), mixed precision {s['mixed_precision']}"),
+            ("layout", f"{s['distributed_type']} x {s['num_processes']} ({s['model_wrapper']}), mixed precision {s['mixed_precision']}"
+                       + (f" ({s['mixed_precision_reason']})" if s.get("mixed_precision_reason") else "")),
             ("final model", s["final_dir"] or "not written (run stopped before max_steps)")]
+    if s.get("phase_fraction"):
+        rows.append(("training time by phase", ", ".join(f"{k} {v:.0%}" for k, v in s["phase_fraction"].items())))
     rows += [("wall time", f"{s['wall_time_s']:.1f} s" if s.get("wall_time_s") is not None else "-"),
              ("peak memory (RSS, main process)", f"{s['peak_rss_mb']:.0f} MB" if s.get("peak_rss_mb") else "-")]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
@@ -381,3 +451,88 @@ def _report(out: Path, s: dict, cfg=None) -> str:
             "\nEvery logged value: `metrics.jsonl`; the resolved recipe: `recipe.yaml`; machine-readable summary: "
             "`summary.json`; the model card: `final/README.md`.\n")
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the time goes: a per-phase clock and the torch.profiler window
+
+
+class PhaseClock:
+    """Seconds spent in each phase of the training steps (data, forward, backward, optimizer,
+    logging, eval, checkpoint), as laps of one clock. On CUDA each lap synchronises first, so a
+    phase is charged for its own kernels rather than for whichever call happens to wait on them (a
+    small cost in overlap). Under DeepSpeed the engine's optimizer step runs inside backward."""
+
+    def __init__(self, device: torch.device):
+        self.sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else None
+        self.totals: dict[str, float] = {"steps": 0.0}
+        self._t = time.perf_counter()
+
+    def start(self) -> None:
+        if self.sync:
+            self.sync()
+        self._t = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        if self.sync:
+            self.sync()
+        now = time.perf_counter()
+        self.totals[phase] = self.totals.get(phase, 0.0) + now - self._t
+        self._t = now
+
+    def end_step(self) -> None:
+        self.totals["steps"] += 1
+
+    def since(self, earlier: dict[str, float]) -> dict[str, float]:
+        """The totals minus an earlier copy of them (``steps`` included)."""
+        return {k: v - earlier.get(k, 0.0) for k, v in self.totals.items()}
+
+    def fractions(self) -> dict[str, float]:
+        timed = {k: v for k, v in self.totals.items() if k != "steps"}
+        total = sum(timed.values()) or 1.0
+        return {k: v / total for k, v in sorted(timed.items(), key=lambda kv: -kv[1])}
+
+
+class Profiler:
+    """``train.profile``: a ``torch.profiler`` window (1 step skipped, 1 warm-up, ``steps`` recorded)
+    written as a TensorBoard / Chrome trace per rank into ``folder``, the main rank's operator table
+    as ``ops.txt``, and on CUDA a memory snapshot (``memory_snapshot.pickle``, for
+    https://pytorch.org/memory_viz) of the same steps."""
+
+    def __init__(self, folder: Path, acc, steps: int):
+        from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+
+        self.folder, self.main, self.remaining = folder, acc.is_main_process, 2 + steps
+        folder.mkdir(parents=True, exist_ok=True)
+        self.cuda = torch.device(acc.device).type == "cuda"
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        self.prof = profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=steps),
+                            on_trace_ready=tensorboard_trace_handler(str(folder), worker_name=f"rank{acc.process_index}"),
+                            record_shapes=True, profile_memory=True, with_stack=False)
+        if self.cuda:
+            torch.cuda.memory._record_memory_history(max_entries=100_000)
+        self.prof.start()
+
+    def step(self) -> None:
+        if self.prof is None:
+            return
+        self.prof.step()
+        self.remaining -= 1
+        if self.remaining <= 0:
+            self.close()
+
+    def close(self) -> None:
+        if self.prof is None:
+            return
+        prof, self.prof = self.prof, None
+        prof.stop()
+        if self.main:
+            try:
+                table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+                (self.folder / "ops.txt").write_text(table + "\n")
+            except Exception as exc:  # a window cut short by a short run has no events; the trace says so
+                log.warning("train.profile: no operator table (%s)", exc)
+        if self.cuda:
+            torch.cuda.memory._dump_snapshot(str(self.folder / "memory_snapshot.pickle"))
+            torch.cuda.memory._record_memory_history(enabled=None)
+        log.info("train.profile: trace written to %s (tensorboard --logdir %s, or chrome://tracing)", self.folder, self.folder)

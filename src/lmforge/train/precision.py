@@ -165,3 +165,27 @@ def auto_mixed_precision(device: str | torch.device) -> tuple[str, str]:
     if block is not None and min(matmul, block) >= MIN_SPEEDUP:
         return "bf16", f"cpu: {how}"
     return "no", f"cpu: {how}; below the {MIN_SPEEDUP}x needed for bf16"
+
+
+# Pins what ``auto`` resolves to, whatever the device: the test suite sets it to 'no' so that numeric
+# comparisons hold on every CPU kind (tests/test_precision.py exercises the probe itself).
+PIN_ENV = "LMFORGE_AUTO_PRECISION"
+
+
+def resolve_mixed_precision(requested: str | None, device: str | torch.device) -> tuple[str | None, str]:
+    """``train.mixed_precision`` -> (accelerate's ``mixed_precision`` or None, reason).
+
+    Explicit ``no``/``bf16``/``fp16`` win; None leaves it to the accelerate config. ``auto``: the launch's
+    accelerate config when it names bf16 or fp16 (``accelerate launch`` exports it as
+    ``ACCELERATE_MIXED_PRECISION``: the user chose it for that hardware), else :func:`auto_mixed_precision`."""
+    if requested != "auto":
+        return requested, "set in the recipe" if requested else "left to the accelerate config"
+    pinned = os.environ.get(PIN_ENV)
+    if pinned:
+        if pinned not in ("no", "bf16", "fp16"):
+            raise UserError(f"{PIN_ENV}={pinned}: must be no, bf16 or fp16 (or unset to let the probe decide)")
+        return pinned, f"pinned by {PIN_ENV}"
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launched in ("bf16", "fp16"):
+        return launched, f"the accelerate config asks for {launched}"
+    return auto_mixed_precision(device)

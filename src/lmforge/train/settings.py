@@ -11,6 +11,7 @@ from lmforge.optim.optimizers import OptimConfig
 from lmforge.optim.schedules import ScheduleConfig
 from lmforge.train.ema import EMAConfig
 from lmforge.train.regularize import CurriculumConfig, DropoutConfig, EarlyStoppingConfig
+from lmforge.train.robust import GradNoiseConfig, StochasticDepthConfig
 
 
 @dataclasses.dataclass
@@ -23,12 +24,24 @@ class TrainConfig:
     )
     gradient_checkpointing: bool = help_field(False, help="Recompute activations in backward to save memory.")
     mixed_precision: Literal["no", "fp16", "bf16", "auto"] | None = help_field(
-        None, help="Override the accelerate config's mixed precision (null: the accelerate config decides; auto: bf16 "
-                   "where a cached probe finds it faster on this device, fp16 on GPUs without bf16, else fp32)."
+        "auto", help="auto: bf16 where a cached probe finds it faster on this device (CUDA with bf16, a CPU with "
+                     "AVX512-BF16/AMX), fp16 on GPUs without bf16, else fp32; bf16/fp16 named by the accelerate "
+                     "config win over the probe. no/bf16/fp16: exactly that. null: the accelerate config decides."
     )
     peak_flops: float | None = help_field(
-        None, help="Device peak FLOP/s for MFU (null: measured once by a matmul probe and cached)."
+        None, help="Device peak FLOP/s for MFU (null: measured once by a matmul probe, for the dtype used, and cached)."
     )
+    # Speed (docs/performance.md)
+    compile: bool = help_field(False, help="torch.compile the model (in place: checkpoint keys stay as saved by plain "
+                                           "transformers); the first steps pay the compilation.")
+    loss_impl: Literal["logits", "fused_linear_ce"] = help_field(
+        "logits", help="fused_linear_ce: the LM head and cross-entropy computed chunk by chunk in training, so the "
+                       "(tokens x vocab) logits never exist whole (large vocabularies); causal pretrain and SFT.")
+    loss_chunk_tokens: int | None = help_field(
+        None, help="fused_linear_ce: tokens per chunk (null: as many as fit a 128 MiB fp32 (chunk x vocab) buffer).")
+    profile: bool = help_field(False, help="Write a torch.profiler trace of a few steps to output_dir/profile "
+                                           "(TensorBoard / chrome://tracing), and a CUDA memory snapshot on GPUs.")
+    profile_steps: int = help_field(3, help="profile: steps recorded (after 1 skipped and 1 warm-up step).")
     # Objectives and regularisation (docs/optim.md)
     objective: Literal["causal", "mlm"] = help_field(
         "causal", help="causal: next-token LM; mlm: masked LM for encoder configs (BERT/RoBERTa), 80/10/10 masking.")
@@ -39,6 +52,8 @@ class TrainConfig:
     ema: EMAConfig = nested(EMAConfig)
     curriculum: CurriculumConfig = nested(CurriculumConfig)
     early_stopping: EarlyStoppingConfig = nested(EarlyStoppingConfig)
+    grad_noise: GradNoiseConfig = nested(GradNoiseConfig)
+    stochastic_depth: StochasticDepthConfig = nested(StochasticDepthConfig)
 
     def problems(self) -> list[str]:
         out = []
@@ -54,6 +69,13 @@ class TrainConfig:
             out.append("label_smoothing: must be in [0, 1)")
         if not 0 < self.mlm_probability < 1:
             out.append("mlm_probability: must be in (0, 1)")
+        if self.loss_impl == "fused_linear_ce" and self.objective == "mlm":
+            out.append("loss_impl: fused_linear_ce is for causal LMs (a masked-LM head transforms the hidden states "
+                       "before its decoder); use loss_impl: logits with objective: mlm")
+        if self.loss_chunk_tokens is not None and self.loss_chunk_tokens < 1:
+            out.append("loss_chunk_tokens: must be >= 1, or null to size chunks automatically")
+        if self.profile_steps < 1:
+            out.append("profile_steps: must be >= 1")
         return out
 
 
@@ -107,6 +129,13 @@ class TrainingRecipe(RunConfig):
     checkpoint: CheckpointConfig = nested(CheckpointConfig)
     log: LogConfig = nested(LogConfig)
 
+    def problems(self) -> list[str]:
+        out = super().problems()
+        if self.schedule.name == "plateau" and self.eval.eval_every <= 0:
+            out.append("schedule.name: plateau reduces the lr on the validation loss, so it needs eval.eval_every > 0 "
+                       "(patience counts evaluations)")
+        return out
+
     def pretrain_only_problems(self) -> list[str]:
         """For stages other than pretrain: the ``train.*`` keys only the pretraining objective reads, refused
         when set (a stage that ignored them would silently train something else)."""
@@ -116,5 +145,12 @@ class TrainingRecipe(RunConfig):
             "train.curriculum.min_length": tc.curriculum.min_length is not None,
             "train.dropout": any(v is not None for v in (tc.dropout.embedding, tc.dropout.attention, tc.dropout.hidden)),
         }
-        return [f"{key}: not used by {self.STAGE} (a pretrain setting); remove it from the recipe"
-                for key, is_set in pretrain_only.items() if is_set]
+        out = [f"{key}: not used by {self.STAGE} (a pretrain setting); remove it from the recipe"
+               for key, is_set in pretrain_only.items() if is_set]
+        if tc.loss_impl != "logits" and self.STAGE in self.NO_FUSED_LOSS:
+            out.append(f"train.loss_impl: {tc.loss_impl} is not used by {self.STAGE} ({self.NO_FUSED_LOSS[self.STAGE]}); "
+                       "remove it from the recipe")
+        return out
+
+    # stages whose losses do not go through the model's own LM head + cross-entropy
+    NO_FUSED_LOSS = {"distill": "its KD losses need the student's logits", "quantize": "QAT fake-quantizes the head"}

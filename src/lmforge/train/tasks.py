@@ -72,6 +72,65 @@ def _model_inputs(batch: Batch) -> Batch:
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
+class FusedHead:
+    """``train.loss_impl: fused_linear_ce``: the summed next-token loss of the model's own LM head
+    without its (tokens x vocab) logits (:mod:`lmforge.train.fused_ce`).
+
+    The model still runs through whatever wraps it (DDP's gradient sync, DeepSpeed's engine,
+    torch.compile), asked for the logits of the last position only (``logits_to_keep=1``, a
+    (batch, 1, vocab) sliver); a forward hook on its body keeps the final hidden states, and the fused
+    loss takes them with the head's weight. Only in training: evaluation uses the logits path."""
+
+    def __init__(self, chunk_tokens: int | None = None):
+        self.chunk_tokens = chunk_tokens
+        self.body: torch.nn.Module | None = None
+        self.head: torch.nn.Linear | None = None
+        self._armed = False
+        self._hidden: torch.Tensor | None = None
+
+    def bind(self, model: torch.nn.Module) -> None:
+        """Find the body and head of the unwrapped model (plain or PeftModel) and hook the body once."""
+        import inspect
+
+        from lmforge.config import UserError
+        from lmforge.train.fused_ce import _unwrap_peft, body_and_head
+
+        body, head = body_and_head(model)
+        lm = _unwrap_peft(model)
+        if "logits_to_keep" not in inspect.signature(lm.forward).parameters:
+            raise UserError(f"train.loss_impl: {type(lm).__name__}.forward takes no logits_to_keep, so the fused loss "
+                            "would still compute every logit; use train.loss_impl: logits for this model")
+        if body is not self.body:
+            body.register_forward_hook(self._keep_hidden)
+        self.body, self.head = body, head
+
+    def _keep_hidden(self, module, args, output) -> None:
+        if self._armed:
+            self._hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+    def loss(self, model: torch.nn.Module, inputs: Batch, target: torch.Tensor,
+             label_smoothing: float) -> dict[str, torch.Tensor]:
+        """{'loss_sum', 'n_tokens'} for ``target`` (batch, seq) aligned with the hidden states (-100 ignored)."""
+        from lmforge.train.fused_ce import fused_linear_ce
+
+        if self.head is None:
+            raise RuntimeError("FusedHead.loss before bind(model)")
+        self._armed = True
+        try:
+            model(**inputs, logits_to_keep=1)
+        finally:
+            self._armed = False
+        hidden, self._hidden = self._hidden, None
+        loss_sum, n_tokens = fused_linear_ce(hidden, self.head.weight, target, self.head.bias,
+                                             label_smoothing=label_smoothing, chunk_size=self.chunk_tokens)
+        return {"loss_sum": loss_sum, "n_tokens": n_tokens}
+
+
+def fused_head(train_cfg) -> FusedHead | None:
+    """The recipe's ``train.loss_impl`` as a task's ``fused`` attribute (None: the logits loss)."""
+    return FusedHead(train_cfg.loss_chunk_tokens) if train_cfg.loss_impl == "fused_linear_ce" else None
+
+
 # ---------------------------------------------------------------------------------------------
 # Tasks
 
@@ -82,10 +141,16 @@ class Task:
     name = "causal_lm"
 
     def __init__(self, seq_len: int = 0, collate: Callable[[list[dict]], Batch] = collate_blocks,
-                 eval_collate: Callable[[list[dict]], Batch] | None = None):
+                 eval_collate: Callable[[list[dict]], Batch] | None = None, fused: FusedHead | None = None):
         self.seq_len = seq_len  # tokens per row, for FLOPs per token (0: unknown)
         self.collate = collate
         self.eval_collate = eval_collate or collate
+        self.fused = fused  # train.loss_impl: fused_linear_ce (tasks that support it read it in loss())
+
+    def bind(self, model: torch.nn.Module) -> None:
+        """Called by the loop with the unwrapped model once it is prepared, before the first step."""
+        if self.fused is not None:
+            self.fused.bind(model)
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -114,6 +179,9 @@ class CausalLM(Task):
         self.label_smoothing = label_smoothing
 
     def loss(self, model, batch):
+        if self.fused is not None and model.training:
+            target = F.pad(batch["labels"][:, 1:], (0, 1), value=-100)
+            return self.fused.loss(model, _model_inputs(batch), target, self.label_smoothing)
         logits = model(**_model_inputs(batch)).logits  # (batch, seq, vocab)
         # accuracy (an argmax over the vocabulary) only in eval, where it is reported; smoothing only in training
         return self.token_loss_fn(logits, batch["labels"], self.label_smoothing if model.training else 0.0,
@@ -145,6 +213,8 @@ class SFT(Task):
             # packed rows: transformers builds the block-diagonal mask from position_ids only when no cache
             # exists, and decoder models create one (even in training) unless told not to
             inputs["use_cache"] = False
+        if self.fused is not None and model.training:
+            return self.fused.loss(model, inputs, F.pad(batch["labels"][:, 1:], (0, 1), value=-100), 0.0)
         logits = model(**inputs).logits  # (batch, virtual + seq, vocab)
         labels = batch["labels"]
         if logits.size(1) > labels.size(1):  # prompt tuning prepends its virtual tokens' outputs
@@ -219,7 +289,7 @@ def pretrain_task(cfg, tokenizer, train_data, rank: int = 0, world: int = 1) -> 
         base = RankBatches(train_data, tc.per_device_train_batch_size, collate_blocks, cfg.seed, rank, world)
         batches = masker.train_batches(base, rank)
     else:
-        task = CausalLM(block, tc.label_smoothing)
+        task = CausalLM(block, tc.label_smoothing, fused=fused_head(tc))
     if tc.curriculum.min_length is not None:
         if batches is None:
             batches = RankBatches(train_data, tc.per_device_train_batch_size, collate_blocks, cfg.seed, rank, world)
