@@ -24,7 +24,7 @@ JSONS = sorted(DS_DIR.glob("*.json"))
 
 # What the issue promises to ship.
 EXPECTED_YAMLS = {"cpu", "multi_cpu", "ddp", "fsdp", "fsdp_shard_grad_op", "deepspeed", "deepspeed_zero1",
-                  "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload", "multi_node"}
+                  "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload", "multi_node", "tp"}
 EXPECTED_JSONS = {"zero1", "zero2", "zero3", "zero3_offload"}
 # "auto" only where accelerate fills the value from the run (see accelerate's _prepare_deepspeed and
 # DeepSpeedPlugin.set_mixed_precision) or lmforge does (gradient_clipping <- optim.max_grad_norm).
@@ -135,6 +135,15 @@ def test_yaml_builds_accelerates_plugin(path: Path, monkeypatch):
         assert info["zero_stage"] == plugin.zero_stage and info["fsdp_sharding"] is None
         if plugin.zero_stage == 3:
             assert plugin.zero3_init_flag, f"{path.name}: ZeRO-3 should create weights sharded (zero3_init_flag)"
+    elif path.stem == "tp":
+        # tensor parallelism: FSDP2 over dp_shard ranks x the TP degree; the whole world is the product
+        from accelerate.parallelism_config import ParallelismConfig
+
+        assert env["ACCELERATE_USE_PARALLELISM_CONFIG"] == "true" and env["FSDP_VERSION"] == "2"
+        monkeypatch.setenv("PARALLELISM_CONFIG_TP_SIZE", os.environ.get("PARALLELISM_CONFIG_TP_SIZE", "2"))
+        pc = ParallelismConfig(tp_size=raw["parallelism_config"]["parallelism_config_tp_size"],
+                               dp_shard_size=raw["parallelism_config"]["parallelism_config_dp_shard_size"])
+        assert pc.tp_enabled and pc.total_size == cfg.num_processes == 2
     elif cfg.distributed_type == DistributedType.FSDP:
         # sync_module_states makes the plugin look for a GPU when built: check the setting, build without it.
         # (cpu_ram_efficient_loading turns it back on, so both go off for this structural check.)

@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import BIN, ROOT, subprocess_env
 
@@ -286,3 +287,39 @@ def test_gpu_layout_bf16(tmp_path, name):
     assert s["train_loss"] < s["first_train_loss"] - 0.4
     reloaded = reload_eval_losses([out / "final"])[str(out / "final")]
     assert reloaded == pytest.approx(s["eval"]["loss"], rel=2e-2)  # bf16 run vs fp32 reload
+
+
+def test_tensor_parallel_config_is_refused_without_a_gpu(monkeypatch):
+    """tp.yaml on a CPU-only machine: one line naming the layout and the alternative, before anything runs."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the refusal is for CPU-only machines")
+    from lmforge.config import UserError
+    from lmforge.models import ModelConfig, _tensor_parallel_kwargs
+    from lmforge.train.accel import launched_layout, make_accelerator
+
+    monkeypatch.setenv("ACCELERATE_USE_PARALLELISM_CONFIG", "true")
+    monkeypatch.setenv("PARALLELISM_CONFIG_TP_SIZE", "2")
+    assert launched_layout() == "tp"
+    with pytest.raises(UserError, match="tensor parallelism .* needs GPUs"):
+        make_accelerator(gradient_accumulation_steps=1, mixed_precision=None, project_dir=".", max_grad_norm=1.0)
+    with pytest.raises(UserError, match="give model.name_or_path"):
+        _tensor_parallel_kwargs(ModelConfig(config={"model_type": "llama"}, tokenizer="x"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="tensor parallelism over 2 ranks needs 2 CUDA GPUs")
+def test_tensor_parallel_finetune_on_two_gpus(tmp_path):
+    from test_finetune import build_tiny_base
+
+    base = build_tiny_base(tmp_path / "base")
+    out = tmp_path / "tp"
+    cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "accelerate_configs" / "tp.yaml"), "-m",
+           "lmforge", "finetune", "recipes/tiny/finetune_full.yaml", f"model.name_or_path={base}", f"output_dir={out}",
+           "train.max_steps=6", "log.trackers=[]", "eval.eval_every=0", "checkpoint.save_every=0"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=subprocess_env(), timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["num_processes"] == 2 and s["train_loss"] < s["first_train_loss"]
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out / "final")

@@ -121,6 +121,23 @@ def _load_kwargs(cfg: ModelConfig, dtype: str | None = None) -> dict[str, Any]:
     return kw
 
 
+def _tensor_parallel_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    """Under accelerate_configs/tp.yaml: from_pretrained shards each layer on accelerate's TP mesh
+    (transformers' ``tp_plan='auto'``); nothing otherwise. A model built from a config is refused."""
+    from lmforge.train.accel import tp_size
+
+    if tp_size() <= 1:
+        return {}
+    if cfg.config:
+        raise UserError("model.config: tensor parallelism (accelerate_configs/tp.yaml) shards weights while loading them "
+                        "(from_pretrained(tp_plan='auto')); give model.name_or_path (e.g. a pretrain run's final/), "
+                        "or use fsdp.yaml to train a model from a config")
+    from accelerate.state import AcceleratorState
+
+    mesh = AcceleratorState().device_mesh
+    return {"tp_plan": "auto", "device_mesh": mesh["tp"] if mesh is not None else None}
+
+
 def _fit_vocab(model, tokenizer) -> None:
     if tokenizer is not None and model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
@@ -164,7 +181,7 @@ def load_causal_lm(cfg: ModelConfig, tokenizer=None, **config_overrides: Any):
     """A causal LM: fresh from ``cfg.config`` (seeded by the caller) or pretrained from ``name_or_path``."""
     from transformers import AutoModelForCausalLM
 
-    kw = _load_kwargs(cfg)
+    kw = {**_load_kwargs(cfg), **_tensor_parallel_kwargs(cfg)}
     vocab = len(tokenizer) if tokenizer is not None else None
     if cfg.config:
         hf_config = build_model_config(cfg, vocab_size=vocab, **config_overrides)
@@ -232,7 +249,7 @@ def load_pretrained(cfg: ModelConfig, tokenizer, *, task: str = "causal_lm", lab
 
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    kw = _load_kwargs(cfg, dtype)
+    kw = {**_load_kwargs(cfg, dtype), **_tensor_parallel_kwargs(cfg)}
     if quantization_config is not None:
         kw["quantization_config"] = quantization_config
         kw["device_map"] = {"": device if device is not None else "cpu"}

@@ -236,3 +236,64 @@ class LengthGroupedBatches:
 
     def get(self, k: int) -> dict[str, torch.Tensor]:
         return self.collate(rows_of(self.dataset, self.indices(k)))
+
+
+class TokenBudgetBatches:
+    """This rank's k-th micro-batch, filled to a token budget (``train.max_tokens_per_batch``) instead of
+    a fixed count: short examples travel many to a batch, long ones few, so the padded size
+    ``rows x round_up(longest, 8)`` stays under ``max_tokens`` and memory stays flat (fairseq's
+    ``--max-tokens``). Deterministic in k, so resume is exact.
+
+    Per epoch: :func:`token_budget_batches` over the whole dataset (seeded by seed and epoch, sorted
+    by length inside shuffled mega-batches), then the batches are dealt out ``world`` at a time —
+    global step j gives rank r batch ``j·world + r`` — and a last incomplete round is dropped. The
+    loop normalises the loss over the real (label) tokens of the whole global batch, so a batch of 40
+    short examples and one of 3 long ones weigh by their tokens, not by their count."""
+
+    def __init__(self, dataset, max_tokens: int, collate: Callable[[list[dict]], dict], seed: int, rank: int,
+                 world: int, max_batch_size: int | None = None):
+        self.dataset, self.max_tokens, self.collate = dataset, max_tokens, collate
+        self.seed, self.rank, self.world, self.max_batch_size = seed, rank, world, max_batch_size
+        self.lengths = [len(x) for x in dataset["input_ids"]]
+        self._epoch, self._batches = -1, []
+        self.per_epoch = len(self._epoch_batches(0)) // world
+        if self.per_epoch == 0:
+            raise UserError(f"train.max_tokens_per_batch: {max_tokens} tokens make fewer batches than the {world} "
+                            "processes need for one step; add data or lower max_tokens_per_batch")
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        return token_budget_batches(self.lengths, self.max_tokens, max_batch_size=self.max_batch_size,
+                                    seed=self.seed, epoch=epoch)
+
+    def indices(self, k: int) -> list[int]:
+        epoch, j = divmod(k, self.per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._batches = epoch, self._epoch_batches(epoch)
+        return self._batches[j * self.world + self.rank]
+
+    def get(self, k: int) -> dict[str, torch.Tensor]:
+        return self.collate(rows_of(self.dataset, self.indices(k)))
+
+
+class MixtureBatches:
+    """Multi-task micro-batches (``data.tasks``): each row of micro-batch k comes from task t with
+    probability ``probs[t]`` and is a uniformly drawn example of that task — sampling with replacement
+    from a generator seeded by (seed, k, rank), so the source is a pure function of k (resume is exact)
+    and every rank draws its own rows. Over a run, task t supplies ``probs[t]`` of the rows whatever its
+    size: small tasks are revisited, large ones subsampled (T5's examples-proportional/temperature mixing)."""
+
+    def __init__(self, datasets: list, probs: list[float], batch_size: int, collate: Callable[[list[dict]], dict],
+                 seed: int, rank: int):
+        if len(datasets) != len(probs) or not datasets:
+            raise ValueError("one probability per task dataset")
+        self.datasets, self.probs = datasets, np.asarray(probs, dtype=np.float64)
+        self.bs, self.collate, self.seed, self.rank = batch_size, collate, seed, rank
+
+    def picks(self, k: int) -> list[tuple[int, int]]:
+        """(task, example index) of each row of micro-batch k."""
+        rng = np.random.default_rng([self.seed, k, self.rank, 7])
+        tasks = rng.choice(len(self.datasets), size=self.bs, p=self.probs)
+        return [(int(t), int(rng.integers(len(self.datasets[t])))) for t in tasks]
+
+    def get(self, k: int) -> dict[str, torch.Tensor]:
+        return self.collate([self.datasets[t][i] for t, i in self.picks(k)])

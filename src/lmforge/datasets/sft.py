@@ -49,10 +49,20 @@ class SFTDataConfig:
     packing: bool = help_field(False, help="Pack several examples per row of max_seq_length, no attention across examples (SFT only).")
     group_by_length: bool = help_field(True, help="Without packing: batch examples of similar length (less padding).")
     num_proc: int | None = help_field(None, help="Processes for tokenization (datasets.map num_proc).")
+    tasks: list[dict[str, Any]] = help_field(
+        [], help="Multi-task SFT instead of train_files: [{name, train_files, validation_files?, weight?}, ...]; "
+                 "rows drawn per task with probability ∝ (weight·examples)^(1/mixing_temperature); per-task "
+                 "validation loss in metrics.jsonl and the plots.")
+    mixing_temperature: float = help_field(
+        1.0, help="tasks: 1 = in proportion to weight x examples; larger flattens towards uniform (T5's mixing).")
+
+    TASK_KEYS = ("name", "train_files", "validation_files", "weight")
 
     def problems(self) -> list[str]:
         out = []
-        if not self.train_files:
+        if self.tasks:
+            out += self._task_problems()
+        elif not self.train_files:
             out.append("train_files: required; give one or more JSONL files")
         for key in ("train_files", "validation_files"):
             for pattern in getattr(self, key):
@@ -65,6 +75,60 @@ class SFTDataConfig:
         if self.chat_template and self.chat_template.endswith(".jinja") and not Path(self.chat_template).is_file():
             out.append(f"chat_template: '{self.chat_template}' does not exist; give a template file or the template text")
         return out
+
+    def _task_problems(self) -> list[str]:
+        out = []
+        if self.train_files or self.validation_files:
+            out.append("train_files / tasks: give the files inside each task (tasks[i].train_files), not both")
+        if not self.mixing_temperature > 0:
+            out.append(f"mixing_temperature: must be > 0, got {self.mixing_temperature}")
+        names = []
+        for i, t in enumerate(self.tasks):
+            where = f"tasks[{i}]"
+            if not isinstance(t, dict):
+                out.append(f"{where}: must be a mapping {{name, train_files, ...}}")
+                continue
+            unknown = sorted(set(t) - set(self.TASK_KEYS))
+            if unknown:
+                out.append(f"{where}: unknown key(s) {', '.join(unknown)}; a task takes {', '.join(self.TASK_KEYS)}")
+            name = t.get("name")
+            if not name or not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
+                out.append(f"{where}.name: required, letters/digits/_/- (it names the task's metrics)")
+            names.append(name)
+            files = t.get("train_files") or []
+            if isinstance(files, str):
+                files = [files]
+            if not files:
+                out.append(f"{where}.train_files: required; give one or more JSONL files")
+            for key in ("train_files", "validation_files"):
+                for pattern in ([t.get(key)] if isinstance(t.get(key), str) else t.get(key) or []):
+                    if not glob.glob(pattern):
+                        out.append(f"{where}.{key}: '{pattern}' matches no file; check the path")
+            weight = t.get("weight", 1.0)
+            if not isinstance(weight, (int, float)) or not weight > 0:
+                out.append(f"{where}.weight: must be a number > 0, got {weight!r}")
+        dup = sorted({n for n in names if n and names.count(n) > 1})
+        if dup:
+            out.append(f"tasks: names must be unique; {', '.join(dup)} repeated")
+        return out
+
+    def task_configs(self) -> list[tuple[str, float, SFTDataConfig]]:
+        """(name, weight, this config with the task's files and no tasks) per task."""
+        def files(v):
+            return [v] if isinstance(v, str) else list(v or [])
+
+        return [(t["name"], float(t.get("weight", 1.0)),
+                 dataclasses.replace(self, train_files=files(t["train_files"]),
+                                     validation_files=files(t.get("validation_files")), tasks=[]))
+                for t in self.tasks]
+
+
+def mixing_probabilities(sizes: list[int], weights: list[float], temperature: float) -> list[float]:
+    """p_i ∝ (w_i·n_i)^(1/T): examples-proportional at T = 1 (weighted), towards uniform as T grows
+    (the temperature mixing of T5, Raffel et al. 2020, sec. 3.5.2)."""
+    raw = [(w * n) ** (1.0 / temperature) for n, w in zip(sizes, weights, strict=True)]
+    total = sum(raw)
+    return [r / total for r in raw]
 
 
 Format = Literal["prompt_completion", "chat", "classification"]

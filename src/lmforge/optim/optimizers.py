@@ -42,9 +42,19 @@ class OptimConfig:
     no_decay_norm: bool = help_field(True, help="No weight decay on normalisation weights.")
     no_decay_embeddings: bool = help_field(True, help="No weight decay on token embeddings.")
     no_decay_positions: bool = help_field(True, help="No weight decay on learned positional embeddings.")
+    lr_scaling: Literal["none", "linear", "sqrt"] = help_field(
+        "none", help="Scale learning_rate by the global batch (sequences per optimizer step: micro-batch x accumulation "
+                     "x processes) over base_batch_size: linear (Goyal et al.) or sqrt (Krizhevsky; Adam-style).")
+    base_batch_size: int | None = help_field(
+        None, help="lr_scaling: the global batch, in sequences, that learning_rate was tuned for.")
 
     def problems(self) -> list[str]:
         out = []
+        if (self.lr_scaling != "none") != (self.base_batch_size is not None):
+            out.append("lr_scaling / base_batch_size: give both (the rule and the batch learning_rate was tuned for) "
+                       "or neither")
+        if self.base_batch_size is not None and self.base_batch_size < 1:
+            out.append("base_batch_size: must be >= 1 (sequences per optimizer step)")
         if self.learning_rate <= 0:
             out.append("learning_rate: must be > 0")
         if self.weight_decay < 0:
@@ -69,6 +79,18 @@ class OptimConfig:
             if mult < 0:
                 out.append(f"lr_multipliers.{pattern}: must be >= 0 (0 freezes by lr, but prefer requires_grad)")
         return out
+
+
+def scaled_learning_rate(cfg: OptimConfig, global_batch: int) -> tuple[float, str]:
+    """(the peak learning rate for a global batch of ``global_batch`` sequences, the rule in words)."""
+    lr = cfg.learning_rate
+    if cfg.lr_scaling == "none" or cfg.base_batch_size is None:
+        return lr, f"optim.learning_rate {lr:g} (no lr_scaling)"
+    ratio = global_batch / cfg.base_batch_size
+    factor = ratio if cfg.lr_scaling == "linear" else ratio ** 0.5
+    how = f"{ratio:g}" if cfg.lr_scaling == "linear" else f"sqrt({ratio:g})"
+    return lr * factor, (f"optim.lr_scaling {cfg.lr_scaling}: {lr:g} x {how} (global batch {global_batch} sequences / "
+                         f"base_batch_size {cfg.base_batch_size}) = {lr * factor:g}")
 
 
 class Lion(torch.optim.Optimizer):

@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from lmforge.config import ConfigError, UserError, help_field, nested
-from lmforge.datasets.batching import LengthGroupedBatches
+from lmforge.datasets.batching import LengthGroupedBatches, MixtureBatches, TokenBudgetBatches
 from lmforge.datasets.sft import (
     ClassificationCollator,
     SFTCollator,
@@ -34,6 +34,7 @@ from lmforge.datasets.sft import (
     build_classification_datasets,
     build_sft_datasets,
     describe_stats,
+    mixing_probabilities,
     pack_examples,
 )
 from lmforge.models import ModelConfig, bnb_4bit_config, load_pretrained, load_tokenizer
@@ -81,6 +82,13 @@ class Config(TrainingRecipe):
         if not self.model.name_or_path:
             out.append("model.name_or_path: required for finetune: the base model folder (e.g. outputs/tiny/pretrain/final) or hub id")
         m = method_for(self.peft.method)
+        if self.data.tasks and (self.task == "classification" or self.data.packing or self.train.max_tokens_per_batch):
+            what = ("task: classification (each source has its own label set)" if self.task == "classification"
+                    else "data.packing" if self.data.packing else "train.max_tokens_per_batch")
+            out.append(f"data.tasks: multi-task mixing is for SFT with fixed-size batches; not with {what}")
+        if self.train.max_tokens_per_batch is not None and self.data.packing:
+            out.append("train.max_tokens_per_batch: packed rows are already full; set data.packing=false to batch by "
+                       "a token budget, or remove max_tokens_per_batch")
         if self.data.packing and self.task == "classification":
             out.append("data.packing: only for task: sft; set data.packing=false")
         if self.data.packing and m.prompt_learning:
@@ -118,11 +126,26 @@ def train(cfg: Config) -> tuple[loop.RunResult, torch.nn.Module, Any]:
     tokenizer = load_tokenizer(cfg.model)
 
     # ---- data: tokenized records with completion-only labels (or class ids) ----
-    label_names = None
+    label_names, mixture, eval_parts = None, None, None
     with acc.main_process_first():
         if cfg.task == "classification":
             train_ds, val_ds, label_names, stats = build_classification_datasets(cfg.data, tokenizer, cfg.seed)
             task = Classification(len(label_names), cfg.data.max_seq_length, collate=ClassificationCollator(tokenizer.pad_token_id))
+        elif cfg.data.tasks:  # multi-task SFT: one model or adapter for all, rows mixed per task
+            from datasets import concatenate_datasets
+
+            parts = [(name, weight, *build_sft_datasets(tcfg, tokenizer, cfg.seed))
+                     for name, weight, tcfg in cfg.data.task_configs()]
+            mixture = [p[2] for p in parts]
+            probs = mixing_probabilities([len(d) for d in mixture], [p[1] for p in parts], cfg.data.mixing_temperature)
+            train_ds = concatenate_datasets(mixture)
+            eval_parts = {name: va for name, _, _, va, _ in parts if va is not None and len(va)}
+            val_ds = concatenate_datasets(list(eval_parts.values())) if eval_parts else None
+            stats = parts[0][4]
+            log.info("data.tasks: %s", ", ".join(f"{name} {len(d)} examples, p={pr:.3f}"
+                                                 for (name, *_), d, pr in zip(parts, mixture, probs, strict=True)))
+            task = SFT(tokenizer.pad_token_id, cfg.data.max_seq_length, collate=SFTCollator(tokenizer.pad_token_id),
+                       fused=fused_head(cfg.train))
         else:
             train_ds, val_ds, stats = build_sft_datasets(cfg.data, tokenizer, cfg.seed)
             task = SFT(tokenizer.pad_token_id, cfg.data.max_seq_length, collate=SFTCollator(tokenizer.pad_token_id),
@@ -153,6 +176,15 @@ def train(cfg: Config) -> tuple[loop.RunResult, torch.nn.Module, Any]:
         train_ds = pack_examples(train_ds, cfg.data.max_seq_length)
         batching = f"packed ({len(train_ds)} rows of <= {cfg.data.max_seq_length} tokens)"
         log.info("packing: %s", batching)
+    elif mixture is not None:
+        batches = MixtureBatches(mixture, probs, cfg.train.per_device_train_batch_size, task.collate, cfg.seed,
+                                 acc.process_index)
+        batching = "multi-task mixture"
+    elif cfg.train.max_tokens_per_batch:
+        batches = TokenBudgetBatches(train_ds, cfg.train.max_tokens_per_batch, task.collate, cfg.seed,
+                                     acc.process_index, acc.num_processes)
+        batching = f"token budget ({cfg.train.max_tokens_per_batch} padded tokens per micro-batch)"
+        log.info("batches: %s, %d per epoch per rank", batching, batches.per_epoch)
     elif cfg.data.group_by_length or cfg.data.packing:
         batching = "length-grouped"
         batches = LengthGroupedBatches(train_ds, cfg.train.per_device_train_batch_size, task.collate, cfg.seed,
@@ -162,7 +194,7 @@ def train(cfg: Config) -> tuple[loop.RunResult, torch.nn.Module, Any]:
     # end_training=False: the classification metrics below are a collective and still need the process group.
     extra = {"labels.json": json.dumps({"label_names": label_names}, indent=1)} if label_names else None
     result = loop.run(acc, cfg, model, task, train_ds, val_ds, tokenizer=tokenizer, param_groups=param_groups(cfg, model),
-                      batches=batches, extra_files=extra, end_training=False)
+                      batches=batches, extra_files=extra, end_training=False, eval_parts=eval_parts)
 
     # ---- classification metrics over the whole validation set; summary ----
     cls_metrics = None

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from lmforge.config import UserError
+from lmforge.optim.optimizers import scaled_learning_rate
 from lmforge.optim.schedules import key_points, make_schedule
 from lmforge.recipe import load_recipe
 
@@ -17,9 +18,17 @@ from lmforge.recipe import load_recipe
 def cli(argv: list[str]) -> int:
     """Print a recipe's schedule at its key points and draw the curve, without training."""
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: lmforge schedule RECIPE.yaml [key.path=value ...] [--out schedule.png]\n"
-              "Prints the learning rate at the key steps and writes a PNG of the whole curve.")
+        print("usage: lmforge schedule RECIPE.yaml [key.path=value ...] [--out schedule.png] [--processes N]\n"
+              "Prints the learning rate at the key steps and writes a PNG of the whole curve; --processes (default 1)\n"
+              "is the number of ranks the run will have, for optim.lr_scaling.")
         return 0 if argv else 2
+    processes = 1
+    if "--processes" in argv:
+        i = argv.index("--processes")
+        if i + 1 >= len(argv) or not argv[i + 1].isdigit() or int(argv[i + 1]) < 1:
+            raise UserError("--processes: give the number of ranks (a positive integer)")
+        processes = int(argv[i + 1])
+        argv = argv[:i] + argv[i + 2:]
     out_png = None
     if "--out" in argv:
         i = argv.index("--out")
@@ -36,10 +45,14 @@ def cli(argv: list[str]) -> int:
         from lmforge.models import build_model_config
 
         model_config = build_model_config(cfg.model)
-    T, peak = cfg.train.max_steps, cfg.optim.learning_rate
+    T = cfg.train.max_steps
+    global_batch = cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps * processes
+    peak, rule = scaled_learning_rate(cfg.optim, global_batch)
+    if cfg.optim.lr_scaling != "none":
+        print(rule)
     lr_at = make_schedule(cfg.schedule, peak, T, model_config)
     lrs = [lr_at(s) for s in range(T)]
-    print(f"schedule '{cfg.schedule.name}' over {T} steps, warmup {cfg.schedule.warmup(T)}, optim.learning_rate {peak:g}")
+    print(f"schedule '{cfg.schedule.name}' over {T} steps, warmup {cfg.schedule.warmup(T)}, peak learning rate {peak:g}")
     print(" ".join((lr_at.__doc__ or "").split()))
     for label, s in key_points(cfg.schedule, T):
         print(f"  {label:<11} step {s:>7}  lr {lr_at(s):.6g}")

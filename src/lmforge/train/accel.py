@@ -28,10 +28,19 @@ def _env_true(name: str) -> bool:
     return os.environ.get(name, "").lower() in ("1", "true", "yes")
 
 
+def tp_size() -> int:
+    """The tensor-parallel degree `accelerate launch` exported (accelerate_configs/tp.yaml), 1 without TP."""
+    if not _env_true("ACCELERATE_USE_PARALLELISM_CONFIG"):
+        return 1
+    return int(os.environ.get("PARALLELISM_CONFIG_TP_SIZE", "1") or 1)
+
+
 def launched_layout() -> str:
-    """'deepspeed', 'fsdp', 'multi' (several processes) or 'single', as `accelerate launch` set it up."""
+    """'deepspeed', 'tp', 'fsdp', 'multi' (several processes) or 'single', as `accelerate launch` set it up."""
     if _env_true("ACCELERATE_USE_DEEPSPEED"):
         return "deepspeed"
+    if tp_size() > 1:
+        return "tp"
     if _env_true("ACCELERATE_USE_FSDP"):
         return "fsdp"
     return "multi" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "single"
@@ -52,6 +61,11 @@ def make_accelerator(
     kwargs: dict = {}
     handlers = []
     if not has_gpu:
+        if layout == "tp":
+            raise UserError(
+                f"accelerate config: tensor parallelism (parallelism_config_tp_size={tp_size()}) needs GPUs and this machine "
+                "has none; use accelerate_configs/multi_cpu.yaml or a deepspeed_zero*.yaml layout instead"
+            )
         if layout == "fsdp":
             raise UserError(
                 "accelerate config: FSDP needs a GPU and this machine has none (accelerate does not support FSDP "

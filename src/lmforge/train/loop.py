@@ -35,15 +35,17 @@ from lmforge import outputs
 from lmforge.cards import command_line, environment_md, write_card
 from lmforge.config import UserError, dump, to_dict
 from lmforge.datasets.batching import RankBatches
-from lmforge.optim.optimizers import build_optimizer
+from lmforge.optim.optimizers import build_optimizer, scaled_learning_rate
 from lmforge.optim.param_groups import build_param_groups
 from lmforge.optim.plateau import Plateau
 from lmforge.optim.schedules import apply_lr, make_schedule
 from lmforge.train import checkpoint
 from lmforge.train.accel import full_numel, is_deepspeed, is_sharded, layout_info, make_accelerator
+from lmforge.train.adversarial import Adversarial
 from lmforge.train.ema import EMA
 from lmforge.train.evaluate import evaluate
 from lmforge.train.flops import flops_per_token, model_dims, peak_flops
+from lmforge.train.grad_flow import GradFlow, plot_grad_flow
 from lmforge.train.metrics import MetricsLog, available_trackers, flat_config
 from lmforge.train.plots import plot_training
 from lmforge.train.regularize import check_finite, early_stop
@@ -168,13 +170,16 @@ def run(
     save_final: bool = True,
     extra_files: dict[str, str] | None = None,
     end_training: bool = True,
+    eval_parts: dict[str, Any] | None = None,
 ) -> RunResult:
     """Train ``model`` on ``task`` to ``cfg.train.max_steps`` (or ``stop_at_step``), evaluating,
     checkpointing and logging on the way; save ``output_dir/final`` (a PeftModel: its adapter alone)
     when the run completes or stops early. ``batches`` may replace the default
     :class:`~lmforge.datasets.batching.RankBatches` with any object whose ``get(k)`` returns this
     rank's k-th micro-batch (deterministic in k, so resume stays exact). ``end_training=False`` keeps
-    the trackers and the process group alive for a stage that still has collective work to do."""
+    the trackers and the process group alive for a stage that still has collective work to do.
+    ``eval_parts`` ({name: dataset}, multi-task): evaluate each part; the eval row gets ``loss/<name>`` and
+    ``perplexity/<name>`` beside the token-weighted overall values (``eval_data`` then only says whether to evaluate)."""
     started = time.perf_counter()
     out = Path(cfg.output_dir)
     ckpt_root = out / "checkpoints"
@@ -212,13 +217,40 @@ def run(
     if tc.grad_noise.eta > 0 and is_deepspeed(acc):
         raise UserError("train.grad_noise: DeepSpeed clips and steps inside backward, leaving no point to add the noise "
                         "at; use accelerate_configs/ddp.yaml or multi_cpu.yaml, or set train.grad_noise.eta=0")
+    flow = None
+    if cfg.log.grad_flow_every:
+        if is_deepspeed(acc) or is_sharded(acc):
+            raise UserError("log.grad_flow_every: DeepSpeed and FSDP keep the gradients in their own partitions, so the "
+                            "per-block picture is not available; use multi_cpu.yaml/ddp.yaml or set log.grad_flow_every: 0")
+        flow = GradFlow(acc.unwrap_model(model), cfg.log.grad_flow_every)
+    adversarial = None
+    if tc.adversarial.method != "none":
+        if is_deepspeed(acc):
+            raise UserError("train.adversarial: DeepSpeed steps its engine inside each backward, and the adversarial "
+                            "passes need several per micro-batch; use multi_cpu.yaml/ddp.yaml or method: none")
+        adversarial = Adversarial(acc.unwrap_model(model), tc.adversarial)
+    harness = cfg.eval.harness_tasks if eval_data is not None else []
+    if harness:
+        from lmforge.evaluation.harness import load_tasks
+
+        if is_sharded(acc):
+            raise UserError("eval.harness_tasks: lm-eval runs the whole model on one process, and ZeRO-3/FSDP keep it "
+                            "sharded; evaluate the saved final/ with lmforge evaluate instead, or use another layout")
+        if tokenizer is None:
+            raise UserError(f"eval.harness_tasks: the {getattr(cfg, 'STAGE', 'run')} stage gives the loop no tokenizer")
+        load_tasks(harness, cfg.eval.harness_include_path)  # an unknown task fails now, not at the first evaluation
+    offload = tc.activation_offload and acc.device.type == "cuda"
+    if tc.activation_offload and not offload:
+        log.info("train.activation_offload: no effect on %s (activations already live in CPU memory)", acc.device)
     if getattr(task, "fused", None) is not None:
         if is_sharded(acc):
             raise UserError("train.loss_impl: fused_linear_ce needs the LM head's whole weight, which ZeRO-3 and FSDP keep "
                             "sharded outside its forward; use train.loss_impl: logits with this accelerate config")
         task.bind(acc.unwrap_model(model))
         log.info("train.loss_impl: fused_linear_ce (the logits of the training loss are never held whole)")
-    lr_at = make_schedule(cfg.schedule, cfg.optim.learning_rate, T, model_config=hf_config)
+    peak_lr, rule = scaled_learning_rate(cfg.optim, tc.per_device_train_batch_size * gas * acc.num_processes)
+    log.info("learning rate: %s", rule)
+    lr_at = make_schedule(cfg.schedule, peak_lr, T, model_config=hf_config)
     plateau = Plateau.maybe(cfg.schedule)  # schedule.name: plateau scales lr_at by its reductions
     if plateau is not None and eval_data is None:
         raise UserError("schedule.name: plateau needs a validation set (it reduces the lr on the validation loss); "
@@ -278,6 +310,8 @@ def run(
         t0 = time.perf_counter()
         clock.start()
         step = state["step"]
+        if flow is not None:
+            flow.start(step + 1)
         lr = lr_at(step) if plateau is None else plateau.lr(lr_at(step))
         apply_lr(optimizer, lr)  # each group: lr * its lr_scale (layer-wise decay, per-module multipliers)
         micro = [batches.get(state["micro_batches"] + i) for i in range(gas)]
@@ -296,7 +330,18 @@ def run(
             if depth is not None:  # the blocks this micro-batch skips: a function of (seed, micro-batch index)
                 depth.set_step(state["micro_batches"] + i)
             with acc.accumulate(model):
-                res = task.loss(model, b)
+                def forward(b=b):
+                    if offload:
+                        with torch.autograd.graph.save_on_cpu(pin_memory=True):
+                            return task.loss(model, b)
+                    return task.loss(model, b)
+
+                if adversarial is not None:  # its extra forward/backward passes, each normalised like the clean one
+                    res = adversarial.step(forward, lambda loss, s=scale: acc.backward(loss * s.to(loss.dtype)))
+                    step_loss += res["loss_sum"].detach().double()
+                    clock.lap("adversarial")
+                    continue
+                res = forward()
                 clock.lap("forward")
                 if deepspeed:  # accelerate's DeepSpeed backward also steps the engine: check the loss before it
                     check_finite(acc, res["loss_sum"].detach().double(), step + 1, ckpt_root)
@@ -304,6 +349,7 @@ def run(
                 step_loss += res["loss_sum"].detach().double()
                 clock.lap("backward")
         check_finite(acc, step_loss, step + 1, ckpt_root)  # NaN/inf: stop before stepping or saving
+        flow_row = flow.before_optimizer() if flow is not None else {}
         if is_deepspeed(acc):
             grad_norm = model.get_global_grad_norm()  # the engine stepped and clipped inside backward
         else:
@@ -314,6 +360,8 @@ def run(
         optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
         state["micro_batches"] += gas
+        if flow_row:
+            metrics.write(state["step"], "grad_flow", flow.after_optimizer(flow_row))
         if ema is not None:
             ema.update(acc.unwrap_model(model), state["step"])
         clock.lap("optimizer")
@@ -333,7 +381,8 @@ def run(
             loss = float(acc.reduce(window_loss, reduction="sum")) / max(window_tokens, 1.0)
             tps = window_input_tokens / max(window_time, 1e-9)
             row = {"loss": loss, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                   "tokens_per_s": tps, "mfu": fpt * tps / (peak * acc.num_processes), "tokens_seen": state["tokens_seen"]}
+                   "tokens_per_s": tps, "mfu": fpt * tps / (peak * acc.num_processes), "tokens_seen": state["tokens_seen"],
+                   "padding_efficiency": state["tokens_seen"] / max(state["padded_tokens_seen"], 1.0)}
             # milliseconds per step in each phase since the last row (this rank's clock)
             window = clock.since(window_phases)
             steps_in_window = max(window.pop("steps", 1.0), 1.0)
@@ -349,8 +398,9 @@ def run(
 
         if eval_data is not None and ((eval_every and step % eval_every == 0) or step == T):
             with EMA.eval_weights(ema, acc, model):  # the averaged weights when train.ema.use_for_eval
-                last_eval = evaluate(acc, model, eval_data, task, cfg.eval.per_device_eval_batch_size,
-                                     cfg.eval.max_eval_batches)
+                last_eval = _evaluate(acc, model, eval_data, eval_parts, task, cfg.eval)
+                if harness:
+                    last_eval.update(_harness(acc, model, tokenizer, cfg))
             metrics.write(step, "eval", last_eval)
             if state["best_eval_loss"] is None or last_eval["loss"] < state["best_eval_loss"]:
                 state["best_eval_loss"] = last_eval["loss"]
@@ -385,6 +435,8 @@ def run(
                if acc.num_processes > 1 and not is_sharded(acc) else None)
     if acc.is_main_process:
         plot_training(out / "metrics.jsonl", out / "training_curves.png", title=str(out.name))
+        if flow is not None:
+            plot_grad_flow(out / "metrics.jsonl", out / "grad_flow.png", title=f"{out.name}: per-block gradient flow")
         summary = {
             "step": state["step"], "max_steps": T, "tokens_seen": state["tokens_seen"],
             "first_train_loss": first_loss, "train_loss": last_loss, "eval": last_eval,
@@ -417,6 +469,38 @@ def run(
         acc.wait_for_everyone()  # no rank tears the process group down while another still writes
         acc.end_training()  # closes trackers and destroys the process group
     return RunResult(out, final_dir, state["step"], last_loss, last_eval, first_loss)
+
+
+def _evaluate(acc, model, eval_data, eval_parts, task, ecfg) -> dict[str, float]:
+    """The eval row: the whole validation set, or each part and their token-weighted combination."""
+    import math
+
+    if not eval_parts:
+        return evaluate(acc, model, eval_data, task, ecfg.per_device_eval_batch_size, ecfg.max_eval_batches)
+    per = {name: evaluate(acc, model, ds, task, ecfg.per_device_eval_batch_size, ecfg.max_eval_batches)
+           for name, ds in eval_parts.items()}
+    tokens = sum(r["tokens"] for r in per.values()) or 1.0
+    out = {"loss": sum(r["loss"] * r["tokens"] for r in per.values()) / tokens,
+           "accuracy": sum(r["accuracy"] * r["tokens"] for r in per.values()) / tokens, "tokens": tokens}
+    out["perplexity"] = math.exp(min(out["loss"], 50.0))
+    for name, r in per.items():
+        out[f"loss/{name}"], out[f"perplexity/{name}"] = r["loss"], r["perplexity"]
+    return out
+
+
+def _harness(acc, model, tokenizer, cfg) -> dict[str, float]:
+    """eval.harness_tasks on the main process ({'harness/<task>/<metric>': value}); the other ranks wait."""
+    scores: dict[str, float] = {}
+    if acc.is_main_process:
+        from lmforge.evaluation.harness import run_harness
+
+        e = cfg.eval
+        raw = run_harness(acc.unwrap_model(model), tokenizer, e.harness_tasks, e.harness_include_path, e.harness_limit,
+                          e.harness_num_fewshot, e.per_device_eval_batch_size, seed=cfg.seed)
+        scores = {f"harness/{k}": v for k, v in raw.items()}
+        log.info("harness: %s", ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+    acc.wait_for_everyone()
+    return scores
 
 
 def peak_rss_mb() -> float:

@@ -23,6 +23,11 @@ def plot_training(metrics_path: str | Path, out_path: str | Path, title: str = "
         ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train", lw=1.2)
     if evals:
         ax_loss.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="validation", lw=1.2)
+        # multi-task runs: one dashed validation curve per task (keys loss/<task>)
+        for key in sorted({k for r in evals for k in r if k.startswith("loss/")}):
+            pts = [(r["step"], r[key]) for r in evals if key in r]
+            ax_loss.plot([s for s, _ in pts], [v for _, v in pts], "--", marker=".", lw=1.0,
+                         label=f"validation {key.split('/', 1)[1]}")
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("loss (nats/token)")
     ax_loss.set_title("loss")

@@ -4,11 +4,13 @@ and :class:`TrainingRecipe`, the top level every training stage's recipe starts 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Literal
 
 from lmforge.config import RunConfig, help_field, nested
 from lmforge.optim.optimizers import OptimConfig
 from lmforge.optim.schedules import ScheduleConfig
+from lmforge.train.adversarial import AdversarialConfig
 from lmforge.train.ema import EMAConfig
 from lmforge.train.regularize import CurriculumConfig, DropoutConfig, EarlyStoppingConfig
 from lmforge.train.robust import GradNoiseConfig, StochasticDepthConfig
@@ -18,6 +20,9 @@ from lmforge.train.robust import GradNoiseConfig, StochasticDepthConfig
 class TrainConfig:
     per_device_train_batch_size: int = help_field(8, help="Micro-batch size on each device.")
     gradient_accumulation_steps: int = help_field(1, help="Micro-batches per optimizer step (loss normalised over all their tokens).")
+    max_tokens_per_batch: int | None = help_field(
+        None, help="finetune (SFT, classification): fill each micro-batch to this many padded tokens instead of "
+                   "per_device_train_batch_size examples (length-grouped; the loss stays normalised over real tokens).")
     max_steps: int = help_field(100, help="Optimizer steps in the whole run (the schedule spans these).")
     stop_at_step: int | None = help_field(
         None, help="Stop after this step (checkpointing first) but keep the max_steps schedule: for time-boxed jobs; resume=auto continues."
@@ -42,6 +47,9 @@ class TrainConfig:
     profile: bool = help_field(False, help="Write a torch.profiler trace of a few steps to output_dir/profile "
                                            "(TensorBoard / chrome://tracing), and a CUDA memory snapshot on GPUs.")
     profile_steps: int = help_field(3, help="profile: steps recorded (after 1 skipped and 1 warm-up step).")
+    activation_offload: bool = help_field(
+        False, help="Keep the activations saved for backward in CPU memory during the forward "
+                    "(torch.autograd.graph.save_on_cpu): GPU memory for transfer time. No effect on a CPU-only run.")
     # Objectives and regularisation (docs/optim.md)
     objective: Literal["causal", "mlm"] = help_field(
         "causal", help="causal: next-token LM; mlm: masked LM for encoder configs (BERT/RoBERTa), 80/10/10 masking.")
@@ -54,6 +62,7 @@ class TrainConfig:
     early_stopping: EarlyStoppingConfig = nested(EarlyStoppingConfig)
     grad_noise: GradNoiseConfig = nested(GradNoiseConfig)
     stochastic_depth: StochasticDepthConfig = nested(StochasticDepthConfig)
+    adversarial: AdversarialConfig = nested(AdversarialConfig)
 
     def problems(self) -> list[str]:
         out = []
@@ -63,6 +72,8 @@ class TrainConfig:
             out.append("per_device_train_batch_size: must be > 0")
         if self.gradient_accumulation_steps <= 0:
             out.append("gradient_accumulation_steps: must be > 0")
+        if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < 8:
+            out.append("max_tokens_per_batch: must be >= 8 (padded tokens per micro-batch), or null for fixed-size batches")
         if self.stop_at_step is not None and not 0 < self.stop_at_step <= self.max_steps:
             out.append("stop_at_step: must be in (0, max_steps]")
         if not 0 <= self.label_smoothing < 1:
@@ -84,9 +95,19 @@ class EvalConfig:
     eval_every: int = help_field(50, help="Evaluate every N optimizer steps (and at the end); 0: only at the end.")
     per_device_eval_batch_size: int = help_field(8, help="Eval micro-batch size on each device.")
     max_eval_batches: int | None = help_field(None, help="Cap on eval batches per device (null: the whole validation set).")
+    harness_tasks: list[str] = help_field(
+        [], help="lm-evaluation-harness tasks run at every evaluation (main process, the unwrapped model); their "
+                 "scores join the eval rows as harness/<task>/<metric>. Local task YAMLs: harness_include_path.")
+    harness_include_path: str | None = help_field(None, help="harness_tasks: a folder of lm-eval task YAMLs of your own.")
+    harness_limit: float | None = help_field(None, help="harness_tasks: examples per task (an int) or a fraction (< 1).")
+    harness_num_fewshot: int | None = help_field(None, help="harness_tasks: few-shot examples (null: each task's own).")
 
     def problems(self) -> list[str]:
         out = ["eval_every: must be >= 0"] if self.eval_every < 0 else []
+        if self.harness_include_path and not Path(self.harness_include_path).is_dir():
+            out.append(f"harness_include_path: '{self.harness_include_path}' is not a folder of lm-eval task YAMLs")
+        if self.harness_limit is not None and not self.harness_limit > 0:
+            out.append("harness_limit: must be > 0 (a count, or a fraction below 1), or null for every example")
         if self.per_device_eval_batch_size < 1:
             out.append("per_device_eval_batch_size: must be >= 1")
         if self.max_eval_batches is not None and self.max_eval_batches < 1:
@@ -111,11 +132,16 @@ class CheckpointConfig:
 @dataclasses.dataclass
 class LogConfig:
     log_every: int = help_field(10, help="Log train metrics every N optimizer steps.")
+    grad_flow_every: int = help_field(0, help="Every N steps log each block's gradient norm, update/weight ratio and "
+                                               "activation RMS (metrics.jsonl, grad_flow.png heatmaps); 0: off.")
     trackers: list[str] = help_field(["tensorboard"], help="accelerate trackers (tensorboard, wandb, ...); skipped when not installed.")
     project_name: str = help_field("lmforge", help="Tracker project / run name.")
 
     def problems(self) -> list[str]:
-        return ["log_every: must be > 0"] if self.log_every <= 0 else []
+        out = ["log_every: must be > 0"] if self.log_every <= 0 else []
+        if self.grad_flow_every < 0:
+            out.append("grad_flow_every: must be >= 0 (0: off)")
+        return out
 
 
 @dataclasses.dataclass
@@ -131,6 +157,9 @@ class TrainingRecipe(RunConfig):
 
     def problems(self) -> list[str]:
         out = super().problems()
+        if self.train.max_tokens_per_batch is not None and getattr(self, "STAGE", None) != "finetune":
+            out.append(f"train.max_tokens_per_batch: only read by finetune (SFT and classification batches), not "
+                       f"{getattr(self, 'STAGE', 'this stage')}; remove it")
         if self.schedule.name == "plateau" and self.eval.eval_every <= 0:
             out.append("schedule.name: plateau reduces the lr on the validation loss, so it needs eval.eval_every > 0 "
                        "(patience counts evaluations)")
