@@ -22,7 +22,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export LMFORGE_CACHE ?= $(CURDIR)/.cache/lmforge
 
-.PHONY: setup test test-slow test-layouts test-all lint demo data pretrain pretrain-llrd pretrain-mlm finetune distill quantize quantize-qat evaluate plan bench constraints clean
+.PHONY: setup test test-slow test-layouts test-all lint demo data pretrain pretrain-llrd pretrain-mlm finetune distill quantize quantize-qat evaluate plan bench bench-recipes pipeline constraints clean
 
 setup: $(STAMP)
 
@@ -66,13 +66,9 @@ demo: setup
 	    data.path=outputs/tiny/data/dataset data.train_files=[]
 	$(BIN)/lmforge evaluate recipes/tiny/evaluate.yaml overwrite=true output_dir=outputs/tiny/evaluate_compare \
 	    --compare outputs/tiny/distill/final outputs/tiny/quantize/final
-	@echo; echo "demo outputs:"; \
-	echo "  data:      outputs/tiny/data/ (dataset/, tokenizer/, report.md, *.png)"; \
-	echo "  pretrain:  outputs/tiny/pretrain/ (final/, metrics.jsonl, training_curves.png, report.md)"; \
-	echo "  finetune:  outputs/tiny/finetune_lora/ (final/ adapter, metrics.jsonl, training_curves.png)"; \
-	echo "  distill:   outputs/tiny/distill/ (final/ half-depth student, metrics.jsonl, distill_metrics.jsonl)"; \
-	echo "  quantize:  outputs/tiny/quantize/ (final/ int8 student, compare/, report.md, report.png)"; \
-	echo "  evaluate:  outputs/tiny/evaluate_compare/ (teacher vs student vs int8 student: report.md, comparison.png)"
+	@echo; echo "demo outputs (lmforge runs: each stage's output, key metric and report):"
+	@$(BIN)/lmforge runs outputs/tiny/data outputs/tiny/pretrain outputs/tiny/finetune_lora outputs/tiny/distill \
+	    outputs/tiny/quantize outputs/tiny/evaluate_compare
 
 data: setup
 	$(BIN)/lmforge data recipes/tiny/data.yaml overwrite=true
@@ -110,6 +106,31 @@ plan: setup
 
 bench: setup
 	for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+
+# The whole life under one hardware layout: every training stage through `accelerate launch --config_file
+# accelerate_configs/$(LAYOUT).yaml` (cpu, multi_cpu, deepspeed_zero1/2/3 run here; ddp, fsdp, tp need GPUs),
+# data, quantize and evaluate as one process; outputs in outputs/$(LAYOUT)/.
+LAYOUT ?= multi_cpu
+PIPE := outputs/$(LAYOUT)
+LAUNCH = $(BIN)/accelerate launch --config_file accelerate_configs/$(LAYOUT).yaml -m lmforge
+pipeline: setup
+	test -f accelerate_configs/$(LAYOUT).yaml || { echo "LAYOUT=$(LAYOUT): no accelerate_configs/$(LAYOUT).yaml"; exit 2; }
+	$(BIN)/lmforge data recipes/tiny/data.yaml overwrite=true output_dir=$(PIPE)/data
+	$(LAUNCH) pretrain recipes/tiny/pretrain.yaml overwrite=true output_dir=$(PIPE)/pretrain \
+	    data.path=$(PIPE)/data/dataset data.train_files=[] model.tokenizer=$(PIPE)/data/tokenizer
+	$(LAUNCH) finetune recipes/tiny/finetune_lora.yaml overwrite=true output_dir=$(PIPE)/finetune_lora \
+	    model.name_or_path=$(PIPE)/pretrain/final
+	$(LAUNCH) distill recipes/tiny/distill.yaml overwrite=true output_dir=$(PIPE)/distill \
+	    teacher.name_or_path=$(PIPE)/pretrain/final data.path=$(PIPE)/data/dataset data.train_files=[]
+	$(BIN)/lmforge quantize recipes/tiny/quantize.yaml overwrite=true output_dir=$(PIPE)/quantize \
+	    model.name_or_path=$(PIPE)/distill/final data.path=$(PIPE)/data/dataset data.train_files=[]
+	$(BIN)/lmforge evaluate recipes/tiny/evaluate.yaml overwrite=true output_dir=$(PIPE)/evaluate_compare \
+	    model.path=$(PIPE)/pretrain/final --compare $(PIPE)/distill/final $(PIPE)/quantize/final
+	@echo; echo "pipeline under $(LAYOUT): $(PIPE)/ (each stage's summary.json names the layout it ran as)"
+
+# Every tiny recipe trained once, with its final metrics and wall time in one table: docs/benchmarks.md.
+bench-recipes: setup
+	$(BIN)/python bench/recipes.py --out docs/benchmarks.md
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache

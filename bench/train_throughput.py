@@ -152,9 +152,10 @@ def summarise(args, step_times: list[float], losses: list[float], precision: str
 
 
 def rss_mb() -> float:
-    import resource
+    """Peak RSS of this process so far (VmHWM: a child does not inherit its parent's peak, unlike ru_maxrss)."""
+    from lmforge.train.loop import peak_rss_mb
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_rss_mb()
 
 
 def peak_memory(side: str, argv: list[str]) -> float | None:
@@ -173,7 +174,7 @@ def main(argv=None) -> int:
     args = parse(argv)
     import torch
 
-    from lmforge.train.flops import flops_per_token, peak_flops
+    from lmforge.train.flops import flops_per_token, measure_peak_flops
 
     tmp = Path(tempfile.mkdtemp(prefix="lmforge-bench-"))
     if args.only:  # one run for the memory figure
@@ -186,6 +187,10 @@ def main(argv=None) -> int:
           f"cpu capability {torch.backends.cpu.get_cpu_capability()}")
     print(f"ours: precision={args.precision} compile={args.compile} loss_impl={args.loss_impl}; "
           f"Trainer: {args.trainer} settings")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # the matmul peak of each dtype, measured now (a cached probe taken on a loaded machine can be far off)
+    peaks = {dt: measure_peak_flops(device, dt, seconds=2.0) for dt in (torch.float32, torch.bfloat16)}
+    print("matmul peak now: " + ", ".join(f"{str(dt).split('.')[-1]} {v / 1e9:.1f} GFLOP/s" for dt, v in peaks.items()))
     results: dict[str, list[dict]] = {"trainer": [], "ours": []}
     for i in range(args.repeats):  # A B A B: drift on a shared machine hits both sides alike
         results["trainer"].append(run_trainer(args, tmp))
@@ -195,15 +200,15 @@ def main(argv=None) -> int:
     model, _ = model_and_data(args)
     n_params = sum(p.numel() for p in model.parameters())
     fpt = flops_per_token(n_params - model.get_input_embeddings().weight.numel(), args.layers, args.hidden, args.seq)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     memory = {} if args.no_memory else {side: peak_memory(side, argv) for side in results}
-    print(f"\n{'':22s}{'tokens/s':>10s}{'precision':>11s}{'MFU':>8s}{'loss':>9s}{'peak MB':>9s}")
+    print(f"\nFLOPs/token {fpt / 1e6:.0f}M (6 x non-embedding parameters + attention)")
+    print(f"{'':22s}{'tokens/s':>10s}{'precision':>11s}{'MFU':>8s}{'loss':>9s}{'peak MB':>9s}")
     row = {}
     for side, label in (("trainer", "transformers.Trainer"), ("ours", "lmforge loop")):
         tps = statistics.median(r["tokens_per_s"] for r in results[side])
         prec = results[side][0]["precision"]
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec, torch.float32)
-        mfu = fpt * tps / peak_flops(device, dtype)
+        mfu = fpt * tps / peaks[dtype] if dtype in peaks else float("nan")
         loss = statistics.fmean(r["loss"] for r in results[side])
         mem = memory.get(side)
         row[side] = (tps, loss, mem)

@@ -377,3 +377,19 @@ def test_harness_tasks_during_training(tmp_path):
         run(tmp_path / "bad", "train.max_steps=2", "eval.eval_every=2", "eval.harness_tasks=[no_such_task]",
             f"eval.harness_include_path={fixtures}")
     assert not (tmp_path / "bad" / "metrics.jsonl").exists()  # refused before the first step
+
+
+def test_runs_table_names_each_stage_output_metric_and_report(tmp_path, capsys):
+    from lmforge.tools.runs import cli
+
+    out = tmp_path / "run"
+    run(out, "train.max_steps=2", "eval.eval_every=2")
+    (tmp_path / "not_a_run").mkdir()
+    assert cli([str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    s = json.loads((out / "summary.json").read_text())
+    row = next(line for line in text.splitlines() if line.startswith("| pretrain"))
+    assert str(out / "final") in row and f"val loss {s['eval']['loss']:.4f}" in row and str(out / "report.md") in row
+    assert "not_a_run" not in text
+    with pytest.raises(UserError, match="no stage output"):
+        cli([str(tmp_path / "not_a_run")])

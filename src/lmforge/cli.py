@@ -31,6 +31,7 @@ TOOLS: dict[str, str] = {
     "generate": "lmforge.tools.generate:cli",
     "launch": "lmforge.tools.launch:cli",
     "inspect": "lmforge.tools.inspect:cli",
+    "runs": "lmforge.tools.runs:cli",
 }
 
 USAGE = """usage: lmforge <command> [args]

@@ -504,10 +504,18 @@ def _harness(acc, model, tokenizer, cfg) -> dict[str, float]:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory (Linux reports KiB, macOS bytes)."""
+    """This process's peak resident memory in MB. Linux: ``VmHWM`` of /proc/self/status, which starts afresh
+    at exec — ``ru_maxrss`` does not: a process started by a big one inherits its parent's peak. Elsewhere
+    ``ru_maxrss`` (macOS reports bytes, Linux KiB)."""
     import resource
     import sys
 
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
