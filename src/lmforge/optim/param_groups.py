@@ -67,8 +67,11 @@ def no_decay_names(model: torch.nn.Module, optim_cfg=None) -> set[str]:
     return {name for name, kind in _kinds(model).items() if flags.get(kind, False)}
 
 
-def find_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
-    """(dotted name, the ModuleList of transformer blocks); a UserError naming the model when not found."""
+def find_layers(model: torch.nn.Module, key: str = "optim.layerwise_lr_decay",
+                fix: str = "use optim.lr_multipliers with name patterns instead, or set optim.layerwise_lr_decay: null",
+                ) -> tuple[str, torch.nn.ModuleList]:
+    """(dotted name, the ModuleList of transformer blocks); a UserError naming the model when not found,
+    led by ``key`` (the recipe key that needed the blocks) and ending with ``fix``."""
     config = getattr(model, "config", None)
     n = None
     for attr in ("num_hidden_layers", "n_layer", "num_layers"):
@@ -83,9 +86,8 @@ def find_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
     seen = ", ".join(f"{name} [{len(m)}]" for name, m in lists) or "none"
     why = "several candidate" if found else "no"
     raise UserError(
-        f"optim.layerwise_lr_decay: {why} list of {n if n is not None else '?'} transformer blocks found in {what}; "
-        f"ModuleLists seen: {seen}. Layer-wise decay needs exactly one; use optim.lr_multipliers with name "
-        "patterns instead, or set optim.layerwise_lr_decay: null"
+        f"{key}: {why} list of {n if n is not None else '?'} transformer blocks found in {what}; "
+        f"ModuleLists seen: {seen}. It needs exactly one; {fix}"
     )
 
 

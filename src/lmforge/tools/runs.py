@@ -46,9 +46,8 @@ def describe(folder: Path) -> dict[str, str] | None:
     if stage is None:
         return None
     row = {"stage": stage, "output": str(folder), "metric": "-", "report": "-"}
-    for name in ("report.md",):
-        if (folder / name).is_file():
-            row["report"] = str(folder / name)
+    if (folder / "report.md").is_file():
+        row["report"] = str(folder / "report.md")
     s = _read(folder / "summary.json")
     if stage == "data":
         r = _read(folder / "report.json") or {}

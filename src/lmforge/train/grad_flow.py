@@ -22,21 +22,14 @@ from pathlib import Path
 
 import torch
 
-from lmforge.config import UserError
-
 
 class GradFlow:
     """Measures the blocks of ``model`` (the unwrapped model) on the steps :meth:`wants` says."""
 
     def __init__(self, model: torch.nn.Module, every: int):
-        from lmforge.optim.param_groups import find_layers
+        from lmforge.train.robust import decoder_blocks
 
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        try:
-            _, self.blocks = find_layers(base)
-        except UserError as e:
-            detail = e.problems[0].split(": ", 1)[-1].split(". Layer-wise")[0]
-            raise UserError(f"log.grad_flow_every: {detail}; set log.grad_flow_every: 0") from None
+        _, self.blocks = decoder_blocks(model, "log.grad_flow_every", "set log.grad_flow_every: 0")
         self.every = every
         self.params = [[p for p in b.parameters() if p.requires_grad] for b in self.blocks]
         self.armed = False

@@ -41,10 +41,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from lmforge.train.kd import hidden_state_loss, soft_target_loss, sparse_forward_kl
-from lmforge.train.tasks import Batch, Task, collate_blocks, next_token_loss
+from lmforge.train.tasks import Batch, Task, collate_blocks, next_token_loss, next_token_targets
 
 CACHE_COLUMNS = ("kd_values", "kd_indices", "kd_rest")
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
@@ -133,7 +132,7 @@ class KD(Task):
         want_hidden = self.hidden is not None
         out = model(**inputs, output_hidden_states=want_hidden)
         logits = out.logits  # (batch, seq, vocab_s)
-        mask = F.pad(labels[:, 1:], (0, 1), value=-100) != -100  # (batch, seq): position t predicts t+1
+        mask = next_token_targets(labels) != -100  # (batch, seq): position t predicts t+1
         zero = logits.new_zeros((), dtype=torch.float32)
         on_policy = ON_POLICY_KEY in batch  # the completions are the student's own samples: no CE on them
         ce = {"loss_sum": zero, "n_tokens": mask.sum()} if on_policy else next_token_loss(logits, labels)

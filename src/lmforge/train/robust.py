@@ -114,18 +114,15 @@ def drop_probabilities(rate: float, schedule: str, num_layers: int) -> list[floa
     raise UserError(f"train.stochastic_depth.schedule: must be 'linear' or 'uniform', got '{schedule}'")
 
 
-def decoder_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+def decoder_blocks(model: torch.nn.Module, key: str = "train.stochastic_depth",
+                   fix: str = "set train.stochastic_depth.rate: 0") -> tuple[str, torch.nn.ModuleList]:
     """(dotted name, ModuleList of decoder blocks) of a causal LM, also through a peft PeftModel
-    (``get_base_model()``); the discovery is the layer-wise LR decay's (:func:`find_layers`)."""
+    (``get_base_model()``); the discovery is the layer-wise LR decay's (:func:`find_layers`), its error
+    led by ``key``, the feature that asked."""
     from lmforge.optim.param_groups import find_layers
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    try:
-        return find_layers(base)
-    except UserError as e:  # its message names optim.layerwise_lr_decay: say which feature asked
-        detail = e.problems[0].split(": ", 1)[-1].split(". Layer-wise")[0]
-        raise UserError(f"train.stochastic_depth: {detail}. Stochastic depth needs exactly one; "
-                        "set train.stochastic_depth.rate: 0") from None
+    return find_layers(base, key, fix)
 
 
 def _sd_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:

@@ -30,6 +30,11 @@ Batch = dict[str, torch.Tensor]
 # The one next-token loss
 
 
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """(batch, seq) labels aligned with the inputs -> the token each position predicts, -100 at the end."""
+    return F.pad(labels[:, 1:], (0, 1), value=-100)
+
+
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0,
                     accuracy: bool = False) -> dict[str, torch.Tensor]:
     """Summed next-token cross-entropy: {'loss_sum', 'n_tokens'[, 'n_correct']}; labels -100 ignored.
@@ -37,7 +42,7 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing:
     logits (batch, seq, vocab), labels (batch, seq) aligned with the inputs. The labels are shifted
     left and padded with -100 instead of slicing the logits, so the logits are never copied. With
     smoothing ε each counted position adds (1-ε)·(-log p_y) + ε·mean_k(-log p_k)."""
-    target = F.pad(labels[:, 1:], (0, 1), value=-100)  # (batch, seq): the next token, -100 at the end
+    target = next_token_targets(labels)  # (batch, seq): the next token, -100 at the end
     flat = logits.reshape(-1, logits.size(-1))
     loss_sum = F.cross_entropy(flat.float(), target.reshape(-1), ignore_index=-100, reduction="sum",
                                label_smoothing=label_smoothing)
@@ -180,8 +185,7 @@ class CausalLM(Task):
 
     def loss(self, model, batch):
         if self.fused is not None and model.training:
-            target = F.pad(batch["labels"][:, 1:], (0, 1), value=-100)
-            return self.fused.loss(model, _model_inputs(batch), target, self.label_smoothing)
+            return self.fused.loss(model, _model_inputs(batch), next_token_targets(batch["labels"]), self.label_smoothing)
         logits = model(**_model_inputs(batch)).logits  # (batch, seq, vocab)
         # accuracy (an argmax over the vocabulary) only in eval, where it is reported; smoothing only in training
         return self.token_loss_fn(logits, batch["labels"], self.label_smoothing if model.training else 0.0,
@@ -214,7 +218,7 @@ class SFT(Task):
             # exists, and decoder models create one (even in training) unless told not to
             inputs["use_cache"] = False
         if self.fused is not None and model.training:
-            return self.fused.loss(model, inputs, F.pad(batch["labels"][:, 1:], (0, 1), value=-100), 0.0)
+            return self.fused.loss(model, inputs, next_token_targets(batch["labels"]), 0.0)
         logits = model(**inputs).logits  # (batch, virtual + seq, vocab)
         labels = batch["labels"]
         if logits.size(1) > labels.size(1):  # prompt tuning prepends its virtual tokens' outputs
