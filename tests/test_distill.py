@@ -249,10 +249,18 @@ def test_layer_map_out_of_range_is_one_line(teacher_dir, tmp_path):
     assert line.startswith("layer_map: pair (3, 9) is out of range: student indices are 0..2 and teacher indices 0..4")
 
 
-def test_sharded_layouts_are_refused(teacher_dir, tmp_path, monkeypatch):
+def test_on_policy_is_refused_on_sharded_layouts(teacher_dir, tmp_path, monkeypatch):
+    """ZeRO-3 / FSDP shard the student, which on-policy mode generates with in each process; the other modes
+    shard the teacher too (tests/test_distill_zero3.py)."""
     monkeypatch.setattr(distill, "is_sharded", lambda acc: True)
-    with pytest.raises(UserError, match=r"^distill: ZeRO-3 / FSDP shard the student"):
-        run(teacher_dir, tmp_path)
+    cfg = cfg_for(teacher_dir, tmp_path)
+    cfg.distill.mode = "on_policy"  # the recipe check (SFT data) is not what this test is about
+    try:
+        with pytest.raises(UserError, match=r"^distill.mode: on_policy generates with the student in each process"):
+            distill.train(cfg)
+    finally:
+        _reset_accelerate()
+    assert not (tmp_path / "final").exists()
 
 
 # ---------------------------------------------------------------------------------------------

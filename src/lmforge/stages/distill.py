@@ -49,8 +49,13 @@ compared over the vocabulary rows both models have (``kd.shared_vocab_size``, pa
 generation never emits an id past them.
 
 The teacher is frozen (``requires_grad=False``), in eval mode, on the accelerator's device and never
-given to ``acc.prepare``: under DDP / ZeRO-1/2 each rank holds a replica. ZeRO-3 and FSDP (sharded
-parameters) are refused for now: the teacher would need its own sharded inference engine.
+given to ``acc.prepare`` (so it is never in a checkpoint): under DDP / ZeRO-1/2 each rank holds a replica.
+Under ZeRO-3 it gets a DeepSpeed engine of its own (``shard_teacher``: stage 3, no optimizer), so its
+parameters are partitioned across ranks like the student's and gathered block by block in its forward;
+it is loaded already partitioned (``deepspeed.zero.Init``) unless something needs its full weights first
+(``student.init: teacher_layers``, a cache or sequence pass on the main process), in which case each rank
+loads it whole once and the engine then partitions it. Under FSDP it is wrapped in FSDP per decoder block
+(inference only). On-policy mode, whose student generates in its own process, is refused there.
 
 Hidden-state loss (``distill.hidden: mse | cosine``): when the widths differ a learned projection
 (student width -> teacher width) trains with the student. It is a submodule of the student named
@@ -71,6 +76,8 @@ past the generating model's positions), ``on_policy_fraction`` outside [0, 1], a
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import gc
 import hashlib
@@ -89,7 +96,7 @@ from lmforge.datasets.lm import LMDataConfig, build_lm_datasets
 from lmforge.datasets.sft import SFTCollator, SFTDataConfig, build_sft_datasets, describe_stats
 from lmforge.models import ModelConfig, load_causal_lm, torch_dtype
 from lmforge.train import checkpoint, loop
-from lmforge.train.accel import is_sharded
+from lmforge.train.accel import is_deepspeed, is_sharded, set_train_mode
 from lmforge.train.evaluate import evaluate
 from lmforge.train.kd import (
     SOFT_TARGET_KINDS,
@@ -110,6 +117,7 @@ from lmforge.train.kd_generate import (
     sequence_rows,
 )
 from lmforge.train.kd_task import CACHE_COLUMNS, KD, KDParts
+from lmforge.train.save import gathered_parameters
 from lmforge.train.settings import TrainingRecipe
 
 log = logging.getLogger("lmforge")
@@ -348,6 +356,87 @@ def load_teacher(cfg: TeacherConfig, device) -> torch.nn.Module:
     return teacher.eval().to(device)
 
 
+@contextlib.contextmanager
+def _whole_model_loading(acc, whole: bool):
+    """Under ZeRO-3 with ``zero3_init_flag``, ``from_pretrained`` creates partitioned parameters; ``whole``
+    switches that off for one load (the model's full weights are read before it is sharded).
+
+    accelerate's ``zero3_init_context_manager(enable=False)`` re-registers a stage-3 ``HfDeepSpeedConfig``,
+    which transformers still reads as "ZeRO-3 on", so the global that transformers checks is unset here and
+    put back afterwards."""
+    plugin = acc.state.deepspeed_plugin
+    if not (whole and plugin is not None and plugin.zero_stage == 3):
+        yield
+        return
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if ref is not None and ref() is not None:
+            hf_deepspeed.set_hf_deepspeed_config(ref())
+
+
+def shard_teacher(acc, teacher: torch.nn.Module, micro_batch: int) -> torch.nn.Module:
+    """The frozen teacher sharded like the student, for inference only.
+
+    ZeRO-3: a DeepSpeed engine of its own from the layout's ZeRO settings (stage 3, parameter offload kept,
+    no optimizer, no optimizer offload; the "auto" bucket sizes filled from the width as accelerate does
+    for the student), so every rank holds 1/N of it and gathers each block for its forward. All ranks
+    run the teacher on every micro-batch, as ZeRO-3's collective gathers require. FSDP: one FSDP unit
+    per decoder block (FSDP2's ``fully_shard`` when the layout asks for version 2). Neither is given to
+    ``acc.prepare``, so checkpoints never hold the teacher.
+    """
+    ds_plugin = acc.state.deepspeed_plugin
+    if ds_plugin is not None:
+        import deepspeed
+
+        zero = {k: v for k, v in copy.deepcopy(ds_plugin.deepspeed_config.get("zero_optimization", {})).items()
+                if k != "offload_optimizer"}
+        width = hidden_width(teacher.config)
+        for key, value in (("reduce_bucket_size", width * width), ("stage3_prefetch_bucket_size", int(0.9 * width * width)),
+                           ("stage3_param_persistence_threshold", 10 * width)):
+            if zero.get(key, "auto") == "auto":
+                zero[key] = value
+        bf16 = next(teacher.parameters()).dtype == torch.bfloat16
+        config = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
+                  "zero_optimization": {**zero, "stage": 3}, "bf16": {"enabled": bf16}, "fp16": {"enabled": False},
+                  "wall_clock_breakdown": False}
+        engine, *_ = deepspeed.initialize(model=teacher, config=config)
+        set_train_mode(engine, False)  # DeepSpeedEngine.eval returns None and leaves engine.training True
+        return engine
+    from lmforge.train.kd import _find_layers
+
+    _, blocks = _find_layers(teacher)
+    fsdp = acc.state.fsdp_plugin
+    if getattr(fsdp, "fsdp_version", 1) == 2:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in blocks:
+            fully_shard(block)
+        fully_shard(teacher)
+        return teacher.eval()
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    return FullyShardedDataParallel(teacher, auto_wrap_policy=ModuleWrapPolicy({type(blocks[0])}),
+                                    sharding_strategy=fsdp.sharding_strategy, device_id=acc.device,
+                                    use_orig_params=True).eval()
+
+
+def _fraction_held(teacher: torch.nn.Module | None) -> float | None:
+    """The share of the teacher's parameter elements this rank stores: 1.0 for a replica, ~1/N for ZeRO-3."""
+    if teacher is None:
+        return None
+    held = full = 0
+    for p in teacher.parameters():
+        full += int(getattr(p, "ds_numel", p.numel()))
+        held += int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else p.numel()
+    return round(held / max(full, 1), 4)
+
+
 def _teacher_hf_config(cfg: TeacherConfig):
     from transformers import AutoConfig
 
@@ -382,7 +471,7 @@ def vocab_rows(model: torch.nn.Module) -> int:
     """Columns of the model's logits (the LM head's rows, padding included)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None and getattr(head, "weight", None) is not None:
-        return head.weight.shape[0]
+        return getattr(head.weight, "ds_shape", head.weight.shape)[0]  # ZeRO-3 partitioned: the full shape
     return _text_config(model.config).vocab_size
 
 
@@ -683,10 +772,11 @@ def main(cfg: Config) -> loop.RunResult:
 def train(cfg: Config) -> tuple[loop.RunResult, torch.nn.Module, Any]:
     """The whole stage; returns (result, trained student, tokenizer) for tests."""
     acc = loop.setup(cfg)
-    if is_sharded(acc):
-        raise UserError("distill: ZeRO-3 / FSDP shard the student, and the frozen teacher would need its own sharded "
-                        "inference engine, which lmforge does not build yet; use ddp, multi_cpu or deepspeed_zero1/2")
     d, t, s = cfg.distill, cfg.teacher, cfg.student
+    sharded = is_sharded(acc)
+    if sharded and d.mode == "on_policy":
+        raise UserError("distill.mode: on_policy generates with the student in each process, which ZeRO-3 / FSDP shard; "
+                        "use mode live or sequence there, or a ddp / multi_cpu / deepspeed_zero1/2 layout")
 
     # ---- tokenizer: the teacher's; the student's own must be identical ----
     t_tok_name = t.tokenizer or t.name_or_path
@@ -706,7 +796,10 @@ def train(cfg: Config) -> tuple[loop.RunResult, torch.nn.Module, Any]:
     # sequence mode reads the teacher for its completions (loaded then, unless kept) and trains with it only for KD
     teacher_trains = d.mode in ("live", "on_policy") or (d.mode == "sequence" and (d.weight_kd > 0 or d.hidden is not None))
     t_config = _teacher_hf_config(t)
-    teacher = load_teacher(t, acc.device) if teacher_trains or s.init == "teacher_layers" else None
+    # under ZeRO-3 the teacher loads already partitioned unless its full weights are read before training
+    whole = s.init == "teacher_layers" or d.mode in ("cached", "sequence")
+    with _whole_model_loading(acc, whole):
+        teacher = load_teacher(t, acc.device) if teacher_trains or s.init == "teacher_layers" else None
     student = build_student(s, tokenizer, teacher)
     n_student, n_teacher = n_layers(student.config), n_layers(t_config)
     t_rows = vocab_rows(teacher) if teacher is not None else _text_config(t_config).vocab_size
@@ -727,7 +820,8 @@ def train(cfg: Config) -> tuple[loop.RunResult, torch.nn.Module, Any]:
             state = cache_state(folder, fingerprint)
             if state == "absent":
                 if teacher is None:
-                    teacher = load_teacher(t, acc.device)
+                    with _whole_model_loading(acc, True):
+                        teacher = load_teacher(t, acc.device)
                 log.info("distill: writing the teacher's top-%d cache to %s", fingerprint["top_k"], folder)
                 build_cache(folder, teacher, train_ds, fingerprint, cfg.eval.per_device_eval_batch_size, acc.device)
             cache = load_cache(folder)
@@ -747,6 +841,8 @@ def train(cfg: Config) -> tuple[loop.RunResult, torch.nn.Module, Any]:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    if sharded and teacher is not None:
+        teacher = shard_teacher(acc, teacher, cfg.train.per_device_train_batch_size)
     if acc.is_main_process:
         print(f"distill ({d.mode}, kl {d.kl}, T={d.temperature}, data {cfg.data.kind}): teacher {n_teacher} layers -> "
               f"student {n_student} layers; vocab {vocab}" + (f"; hidden {d.hidden} on {len(pairs)} layer pairs" if d.hidden else "")
@@ -767,7 +863,9 @@ def train(cfg: Config) -> tuple[loop.RunResult, torch.nn.Module, Any]:
     provenance = {"teacher": t.name_or_path, "teacher_layers": n_teacher, "student_layers": n_student,
                   "student_init": s.init or ("config" if s.config else "pretrained"), "vocab": vocab,
                   "data_kind": cfg.data.kind, **dataclasses.asdict(d), "layer_pairs": pairs, "cache": cache_info,
-                  "sequences": sequence_info}
+                  "sequences": sequence_info,
+                  "teacher_engine": type(teacher).__name__ if teacher is not None else None,
+                  "teacher_fraction_held": _fraction_held(teacher)}
     result = loop.run(acc, cfg, student, task, train_ds, val_ds, tokenizer=tokenizer, batches=batches, end_training=False,
                       extra_files={"distill.json": json.dumps(provenance, indent=1)})
 
@@ -782,12 +880,16 @@ def train(cfg: Config) -> tuple[loop.RunResult, torch.nn.Module, Any]:
         on_policy = {"fraction": batches.fraction, "steps": batches.generated, "count": len(batches.generated),
                      "of": result.step - start, "first_step": start + 1}
     out = result.output_dir
+    projection_weight = None
+    if projection is not None:  # ZeRO-3 partitions it with the student: gather it (collective) before saving
+        with gathered_parameters([projection.weight]) if sharded and is_deepspeed(acc) else contextlib.nullcontext():
+            projection_weight = projection.weight.detach().float().cpu().clone()
     if acc.is_main_process:
         _write_part_rows(out / "distill_metrics.jsonl", rows, parts.start_step)
         if projection is not None:
             from safetensors.torch import save_file
 
-            save_file({"weight": projection.weight.detach().float().cpu().contiguous()}, str(out / "kd_projection.safetensors"),
+            save_file({"weight": projection_weight.contiguous()}, str(out / "kd_projection.safetensors"),
                       metadata={"student_width": str(projection.in_features), "teacher_width": str(projection.out_features)})
         summary_path = out / "summary.json"
         summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}

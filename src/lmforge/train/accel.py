@@ -143,6 +143,14 @@ def full_numel(p: torch.Tensor) -> int:
     return int(getattr(p, "ds_numel", p.numel()))
 
 
+def set_train_mode(model: torch.nn.Module, mode: bool) -> None:
+    """``model.train(mode)``, and the wrapper's own ``training`` flag with it: ``DeepSpeedEngine.train`` and
+    ``.eval`` switch only the wrapped module, so ``engine.training`` stayed True in evaluation and every task
+    that reads ``model.training`` (label smoothing, accuracy, KD's validation CE) took its training path."""
+    model.train(mode)
+    model.training = mode
+
+
 def is_deepspeed(acc) -> bool:
     return acc.state.deepspeed_plugin is not None
 

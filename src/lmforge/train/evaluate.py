@@ -8,6 +8,7 @@ import math
 import torch
 
 from lmforge.datasets.batching import rows_of
+from lmforge.train.accel import set_train_mode
 
 
 @torch.no_grad()
@@ -20,7 +21,7 @@ def evaluate(acc, model, dataset, task, batch_size: int, max_batches: int | None
     from accelerate.utils import gather_object
 
     was_training = model.training
-    model.eval()
+    set_train_mode(model, False)
     n, world, rank = len(dataset), acc.num_processes, acc.process_index
     n_batches = math.ceil(math.ceil(n / world) / batch_size)
     if max_batches is not None:
@@ -40,7 +41,7 @@ def evaluate(acc, model, dataset, task, batch_size: int, max_batches: int | None
                 pairs += list(zip(out["predictions"].tolist(), batch["labels"].tolist()))
     sums = acc.reduce(sums, reduction="sum")
     if was_training:
-        model.train()
+        set_train_mode(model, True)
     loss_sum, tokens, correct = sums.tolist()
     loss = loss_sum / max(tokens, 1.0)
     result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": correct / max(tokens, 1.0), "tokens": tokens}

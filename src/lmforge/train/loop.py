@@ -272,7 +272,8 @@ def run(
         log.info("resumed from %s at step %d", resume_from, state["step"])
         if plateau is not None and "plateau" in state:
             plateau.load_state_dict(state["plateau"])
-    metrics = MetricsLog(out / "metrics.jsonl", acc, resume_step=state["step"] if resume_from else None)
+    resumed_step = state["step"] if resume_from else None
+    metrics = MetricsLog(out / "metrics.jsonl", acc, resume_step=resumed_step)
     if acc.log_with:
         acc.init_trackers(cfg.log.project_name, config=flat_config(to_dict(cfg)))
 
@@ -445,6 +446,7 @@ def run(
             "model_wrapper": type(model).__name__, "mixed_precision": acc.mixed_precision, **layout_info(acc),
             "param_digest_per_rank": digests, "final_dir": str(final_dir) if final_dir else None,
             "stopped_early": bool(state.get("stopped_early")),
+            "resumed_from_step": resumed_step,
             # real input tokens over padded positions (1.0 for packed blocks; SFT batches pad to the longest row)
             "padding_efficiency": (state["tokens_seen"] / state["padded_tokens_seen"]) if state.get("padded_tokens_seen") else None,
         }

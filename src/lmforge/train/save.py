@@ -65,7 +65,7 @@ def save_adapter(acc, model, path: Path, tokenizer=None, recipe=None, extra_file
     Under ZeRO-3 the trainable parameters alone are gathered first; the frozen base never is."""
     unwrapped = acc.unwrap_model(model)
     acc.wait_for_everyone()
-    ctx = _gathered([p for p in unwrapped.parameters() if p.requires_grad]) if is_sharded(acc) and is_deepspeed(acc) else None
+    ctx = gathered_parameters([p for p in unwrapped.parameters() if p.requires_grad]) if is_sharded(acc) and is_deepspeed(acc) else None
     with ctx if ctx is not None else contextlib.nullcontext():
         if acc.is_main_process:
             with atomic_dir(path) as tmp:
@@ -76,7 +76,7 @@ def save_adapter(acc, model, path: Path, tokenizer=None, recipe=None, extra_file
     return path
 
 
-def _gathered(params):
+def gathered_parameters(params):
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
