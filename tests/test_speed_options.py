@@ -89,7 +89,7 @@ def test_sft_fused_matches_logits(tmp_path):
     ("finetune", "classify_lora", [], "task: classification"),
     ("finetune", "finetune_prompt", [], "virtual tokens"),
     ("pretrain", "pretrain", ["train.objective=mlm"], "causal LMs"),
-    ("distill", "distill", [], "not used by distill"),
+    ("quantize", "quantize_qat", [], "not used by quantize"),
 ])
 def test_fused_loss_refused_where_it_cannot_apply(stage, recipe, extra, match, tmp_path):
     from lmforge.recipe import import_stage

@@ -117,6 +117,7 @@ from lmforge.train.kd_generate import (
     sequence_rows,
 )
 from lmforge.train.kd_task import CACHE_COLUMNS, KD, KDParts
+from lmforge.train.tasks import fused_head
 from lmforge.train.save import gathered_parameters
 from lmforge.train.settings import TrainingRecipe
 
@@ -857,7 +858,7 @@ def train(cfg: Config) -> tuple[loop.RunResult, torch.nn.Module, Any]:
               alpha_ce=d.alpha_ce, weight_kd=d.weight_kd, beta=DEFAULT_BETA if d.beta is None else d.beta,
               skew_alpha=DEFAULT_SKEW_ALPHA if d.skew_alpha is None else d.skew_alpha, hidden=d.hidden,
               hidden_weight=1.0 if d.hidden_weight is None else d.hidden_weight, layer_pairs=pairs,
-              projection=projection, cached=d.mode == "cached", parts=parts,
+              projection=projection, cached=d.mode == "cached", parts=parts, fused=fused_head(cfg.train),
               **({"collate": collate, "eval_collate": collate} if sft else {}))
     batches = sft_batches(cfg, acc, train_ds, collate, student, tokenizer, vocab) if sft else None
     provenance = {"teacher": t.name_or_path, "teacher_layers": n_teacher, "student_layers": n_student,

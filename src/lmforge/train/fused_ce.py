@@ -229,6 +229,81 @@ def fused_linear_cross_entropy(
 
 
 # ---------------------------------------------------------------------------------------------
+# Any loss of the logits, chunk by chunk (distillation: CE + a divergence to the teacher's logits)
+
+
+class ChunkedHeadLoss(torch.autograd.Function):
+    """loss = Σ_chunks chunk_loss(hidden[chunk] @ weightᵀ + bias, chunk) for a loss that is a sum over rows.
+
+    For each chunk of rows the chunk's fp32 logits are built on detached leaves and ``chunk_loss`` —
+    any differentiable function of them, e.g. CE plus a KL to the teacher's logits of the same rows —
+    is differentiated right away by ``torch.autograd.grad`` into d/d hidden (rows) and d/d weight (bias);
+    the chunk's graph is then dropped. So, as in :class:`FusedLinearCrossEntropy`, the (N, V) logits never
+    exist whole and backward recomputes nothing (it scales the stored gradients); autograd gives the
+    per-chunk derivative of whatever divergence ``chunk_loss`` uses, where the CE path above writes its
+    own closed form. Hand-written for the reason that module's docstring gives (no CPU library does it).
+    ``chunk_loss(logits (c, V) fp32, rows: slice) -> (loss 0-dim, parts (P,) detached)``; the summed
+    parts are the second output (non-differentiable), for logging the terms of the loss apart."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, chunk_loss, chunk_size):
+        n = hidden.shape[0]
+        f32 = torch.float32
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.zeros(hidden.shape, dtype=f32, device=hidden.device) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=f32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=f32, device=bias.device) if need_b and bias is not None else None
+        w = weight.detach().float().requires_grad_(need_w)
+        b = bias.detach().float().requires_grad_(need_b) if bias is not None else None
+        total = torch.zeros((), dtype=f32, device=hidden.device)
+        parts = None
+        with torch.enable_grad(), torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, n, chunk_size):
+                rows = slice(start, min(start + chunk_size, n))
+                h = hidden[rows].detach().float().requires_grad_(need_h)
+                z = torch.addmm(b, h, w.T) if b is not None else h @ w.T  # (c, V) fp32
+                loss, chunk_parts = chunk_loss(z, rows)
+                parts = chunk_parts if parts is None else parts + chunk_parts
+                total += loss.detach()
+                wrt = [t for t, want in ((h, need_h), (w, need_w), (b, need_b and b is not None)) if want]
+                if wrt and loss.requires_grad:
+                    grads = iter(torch.autograd.grad(loss, wrt))
+                    if need_h:
+                        grad_h[rows] = next(grads)
+                    if need_w:
+                        grad_w += next(grads)
+                    if need_b and b is not None:
+                        grad_b += next(grads)
+                del z, loss
+        ctx.grads = (grad_h.to(hidden.dtype) if grad_h is not None else None,
+                     grad_w.to(weight.dtype) if grad_w is not None else None,
+                     grad_b.to(bias.dtype) if grad_b is not None else None)
+        parts = parts if parts is not None else torch.zeros(0, device=hidden.device)
+        ctx.mark_non_differentiable(parts)
+        return total, parts
+
+    @staticmethod
+    def backward(ctx, grad_output, _grad_parts):
+        if ctx.grads is None:
+            raise RuntimeError("ChunkedHeadLoss: backward ran twice on one forward; run the forward again")
+        grads, ctx.grads = ctx.grads, None
+        gh, gw, gb = (g.mul_(grad_output) if g is not None else None for g in grads)
+        return gh, gw, gb, None, None
+
+
+def chunked_head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      chunk_loss: Callable, chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, summed parts) of :class:`ChunkedHeadLoss` over hidden (N, H) rows. A divergence keeps about
+    eight (chunk, V) fp32 buffers alive at a time (both models' logits, their log-softmax and softmax, the
+    autograd intermediates), so ``chunk_size`` defaults to :func:`choose_chunk_size` with an eighth of its
+    budget: the whole working set stays near the CE path's one buffer."""
+    if chunk_size is not None and chunk_size < 1:
+        raise UserError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
+    chunk = chunk_size or choose_chunk_size(hidden.shape[0], weight.shape[0], DEFAULT_CHUNK_BYTES // 8)
+    return ChunkedHeadLoss.apply(hidden, weight, bias, chunk_loss, max(chunk, 1))
+
+
+# ---------------------------------------------------------------------------------------------
 # Dispatcher: liger-kernel's Triton kernel on CUDA when installed, ours otherwise
 
 

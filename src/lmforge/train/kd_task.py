@@ -41,6 +41,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from lmforge.train.kd import hidden_state_loss, soft_target_loss, sparse_forward_kl
 from lmforge.train.tasks import Batch, Task, collate_blocks, next_token_loss, next_token_targets
@@ -119,6 +120,81 @@ class KD(Task):
         self.hidden, self.hidden_weight, self.layer_pairs = hidden, hidden_weight, list(layer_pairs)
         self.projection = projection
         self.parts = parts
+        self.teacher_head = None  # train.loss_impl fused_linear_ce: bound to the teacher in bind()
+        self.batch_cache = None
+
+    def bind(self, model: torch.nn.Module) -> None:
+        super().bind(model)
+        if self.fused is not None and self.teacher is not None and self.teacher_head is None:
+            from lmforge.train.tasks import FusedHead
+
+            self.teacher_head = FusedHead()  # the teacher's final hidden states, without its logits
+            self.teacher_head.bind(self.teacher)
+
+    def _fused_loss(self, model, inputs, labels, on_policy: bool) -> dict[str, torch.Tensor]:
+        """``train.loss_impl: fused_linear_ce``: student and teacher run with ``logits_to_keep=1`` and the CE +
+        divergence are taken chunk by chunk over the loss tokens (``fused_ce.chunked_head_loss``), so neither
+        model's (tokens x vocab) logits exist whole. The same sums as the logits path, to fp32 rounding."""
+        from lmforge.train.fused_ce import chunked_head_loss
+
+        want_hidden = self.hidden is not None
+        h_s, out = self.fused.forward(model, inputs, output_hidden_states=want_hidden)
+        target = next_token_targets(labels)  # (batch, seq)
+        keep = (target != -100).reshape(-1).nonzero().squeeze(1)  # the loss tokens
+        flat = lambda t: t.reshape(-1, *t.shape[2:]).index_select(0, keep)  # noqa: E731  (batch, seq, ...) -> (n, ...)
+        y, hs = flat(target), flat(h_s)
+        use_teacher = not self.cached and (self.weight_kd > 0 or want_hidden)
+        t_out = h_t = None
+        if use_teacher:
+            with torch.no_grad():
+                h_t, t_out = self.teacher_head.forward(self.teacher, inputs, output_hidden_states=want_hidden)
+            h_t = flat(h_t)
+        vocab = self.vocab
+        t_head = self.teacher_head.head if self.teacher_head is not None else None
+        if self.cached:
+            cache = {k: flat(self.batch_cache[k]) for k in ("kd_values", "kd_indices", "kd_rest")}
+        take_ce = self.alpha_ce > 0 and not on_policy
+
+        def chunk_loss(z, rows):
+            zero = z.new_zeros(())
+            ce = F.cross_entropy(z, y[rows], reduction="sum") if not on_policy else zero
+            kd = zero
+            if self.weight_kd > 0:
+                zs = z if vocab is None or vocab >= z.size(-1) else z[:, :vocab]
+                ones = torch.ones(1, z.size(0), dtype=torch.bool, device=z.device)
+                if self.cached:
+                    kd = sparse_forward_kl(zs[None], cache["kd_values"][rows][None], cache["kd_indices"][rows][None],
+                                           cache["kd_rest"][rows][None], ones, self.temperature)
+                else:
+                    with torch.no_grad():
+                        w = t_head.weight[: zs.size(-1)].float()
+                        zt = h_t[rows].float() @ w.T
+                        if t_head.bias is not None:
+                            zt += t_head.bias[: zs.size(-1)].float()
+                    kd = soft_target_loss(zs[None], zt[None], ones, self.kind, self.temperature, beta=self.beta,
+                                          alpha=self.skew_alpha)
+            loss = (ce * self.alpha_ce if take_ce else zero) + (self.weight_kd * kd if self.weight_kd > 0 else zero)
+            return loss, torch.stack([ce.detach(), kd.detach()])
+
+        head = self.fused.head
+        total, (ce_sum, kd_sum) = chunked_head_loss(hs, head.weight, head.bias, chunk_loss, self.fused.chunk_tokens)
+        hidden_sum = total.new_zeros(())
+        if want_hidden:
+            mask = target != -100
+            per_pair = [hidden_state_loss(out.hidden_states[a], t_out.hidden_states[b], mask, self.hidden, self.projection)
+                        for a, b in self.layer_pairs]
+            hidden_sum = torch.stack(per_pair).mean()
+            if self.hidden_weight > 0:
+                total = total + self.hidden_weight * hidden_sum
+        return self._result(total, ce_sum, kd_sum, hidden_sum, keep.numel(), on_policy)
+
+    def _result(self, total, ce_sum, kd_sum, hidden_sum, n_tokens, on_policy: bool) -> dict[str, torch.Tensor]:
+        n = torch.as_tensor(n_tokens, device=total.device)
+        parts = torch.stack([ce_sum.detach().float(), kd_sum.detach().float(), hidden_sum.detach().float(),
+                             n.float(), n.float() * (not on_policy)])
+        if self.parts is not None:
+            self.parts.add(parts.double())
+        return {"loss_sum": total, "n_tokens": n, "ce_sum": parts[0], "kd_sum": parts[1], "hidden_sum": parts[2]}
 
     def _trim(self, logits: torch.Tensor) -> torch.Tensor:
         return logits if self.vocab is None or self.vocab >= logits.size(-1) else logits[..., : self.vocab]  # a view
@@ -129,12 +205,15 @@ class KD(Task):
         if not model.training:  # validation: the student's own CE on the real labels
             return next_token_loss(model(**inputs).logits, labels, accuracy=True)
 
+        on_policy = ON_POLICY_KEY in batch  # the completions are the student's own samples: no CE on them
+        if self.fused is not None:
+            self.batch_cache = batch if self.cached else None
+            return self._fused_loss(model, inputs, labels, on_policy)
         want_hidden = self.hidden is not None
         out = model(**inputs, output_hidden_states=want_hidden)
         logits = out.logits  # (batch, seq, vocab_s)
         mask = next_token_targets(labels) != -100  # (batch, seq): position t predicts t+1
         zero = logits.new_zeros((), dtype=torch.float32)
-        on_policy = ON_POLICY_KEY in batch  # the completions are the student's own samples: no CE on them
         ce = {"loss_sum": zero, "n_tokens": mask.sum()} if on_policy else next_token_loss(logits, labels)
         kd_sum, hidden_sum = zero, zero
 
@@ -160,10 +239,4 @@ class KD(Task):
             total = total + self.weight_kd * kd_sum
         if want_hidden and self.hidden_weight > 0:
             total = total + self.hidden_weight * hidden_sum
-        n_tokens = ce["n_tokens"].float()
-        parts = torch.stack([ce["loss_sum"].detach().float(), kd_sum.detach().float(), hidden_sum.detach().float(),
-                             n_tokens, n_tokens * (not on_policy)])
-        if self.parts is not None:
-            self.parts.add(parts.double())
-        return {"loss_sum": total, "n_tokens": ce["n_tokens"], "ce_sum": parts[0], "kd_sum": parts[1],
-                "hidden_sum": parts[2]}
+        return self._result(total, ce["loss_sum"], kd_sum, hidden_sum, ce["n_tokens"], on_policy)

@@ -182,4 +182,4 @@ class TrainingRecipe(RunConfig):
         return out
 
     # stages whose losses do not go through the model's own LM head + cross-entropy
-    NO_FUSED_LOSS = {"distill": "its KD losses need the student's logits", "quantize": "QAT fake-quantizes the head"}
+    NO_FUSED_LOSS = {"quantize": "QAT fake-quantizes the head"}

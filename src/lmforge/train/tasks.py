@@ -113,19 +113,24 @@ class FusedHead:
         if self._armed:
             self._hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
 
+    def forward(self, model: torch.nn.Module, inputs: Batch, **kw: Any) -> tuple[torch.Tensor, Any]:
+        """(final hidden states (batch, seq, H), the model's output) of ``model(**inputs, logits_to_keep=1)``."""
+        if self.head is None:
+            raise RuntimeError("FusedHead.forward before bind(model)")
+        self._armed = True
+        try:
+            out = model(**inputs, logits_to_keep=1, **kw)
+        finally:
+            self._armed = False
+        hidden, self._hidden = self._hidden, None
+        return hidden, out
+
     def loss(self, model: torch.nn.Module, inputs: Batch, target: torch.Tensor,
              label_smoothing: float) -> dict[str, torch.Tensor]:
         """{'loss_sum', 'n_tokens'} for ``target`` (batch, seq) aligned with the hidden states (-100 ignored)."""
         from lmforge.train.fused_ce import fused_linear_ce
 
-        if self.head is None:
-            raise RuntimeError("FusedHead.loss before bind(model)")
-        self._armed = True
-        try:
-            model(**inputs, logits_to_keep=1)
-        finally:
-            self._armed = False
-        hidden, self._hidden = self._hidden, None
+        hidden, _ = self.forward(model, inputs)
         loss_sum, n_tokens = fused_linear_ce(hidden, self.head.weight, target, self.head.bias,
                                              label_smoothing=label_smoothing, chunk_size=self.chunk_tokens)
         return {"loss_sum": loss_sum, "n_tokens": n_tokens}
