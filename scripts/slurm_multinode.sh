@@ -5,6 +5,7 @@
 # any file of accelerate_configs/ works: node count, ranks and the main address are passed here, so
 # the file's num_machines/num_processes/machine_rank/main_process_ip are overridden.
 # DRY_RUN=1 prints the per-node command instead of running it (for checking outside Slurm).
+# PROCS_PER_NODE=N sets the ranks per node where Slurm has no GPUs to count (a CPU cluster, tests).
 #SBATCH --job-name=lmforge
 #SBATCH --ntasks-per-node=1
 #SBATCH --exclusive
@@ -19,6 +20,7 @@ CONFIG=${ACCELERATE_CONFIG:-accelerate_configs/multi_node.yaml}
 NNODES=${SLURM_NNODES:-1}
 GPUS_PER_NODE=${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-8}}
 GPUS_PER_NODE=${GPUS_PER_NODE##*:}  # "h100:8" -> 8
+GPUS_PER_NODE=${PROCS_PER_NODE:-$GPUS_PER_NODE}  # processes per node without GPUs (CPU test runs)
 if [ -n "${SLURM_JOB_NODELIST:-}" ]; then
   MAIN_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 else

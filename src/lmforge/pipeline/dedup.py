@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from pathlib import Path
 from typing import Literal
 
@@ -25,8 +24,6 @@ from datatrove.pipeline.base import PipelineStep
 
 from lmforge.config import help_field
 from lmforge.pipeline.minhash import MinHasher, cluster, optimal_param
-
-_WS = re.compile(r"\s+")
 
 
 @dataclasses.dataclass
@@ -72,7 +69,9 @@ class DedupConfig:
 
 
 def exact_key(text: str) -> int:
-    return xxhash.xxh64_intdigest(_WS.sub(" ", text.casefold()).strip())
+    """xxh64 of the case-folded text with whitespace runs collapsed to one space and the ends stripped
+    (``" ".join(str.split())`` is ``re.sub(r"\\s+", " ", .).strip()`` for every Unicode whitespace, and faster)."""
+    return xxhash.xxh64_intdigest(" ".join(text.casefold().split()))
 
 
 class DedupKeys(PipelineStep):
@@ -93,9 +92,10 @@ class DedupKeys(PipelineStep):
 
         def flush():
             with self.track_time("batch"):
+                texts = [d.text for d in batch]
                 if hasher is not None:
-                    sigs.append(hasher.signatures([d.text for d in batch]))
-                keys.extend(exact_key(d.text) for d in batch)
+                    sigs.append(hasher.signatures(texts))
+                keys.extend(map(exact_key, texts))
                 ids.extend(d.id for d in batch)
             yield from batch
             batch.clear()

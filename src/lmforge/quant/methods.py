@@ -16,10 +16,20 @@
 | `quanto_int4`      | optimum-quanto            | int4 per group of 128 (or per row), 2 per byte | `model.safetensors` + `quanto_map.json`  |
 | `bnb_int8`         | bitsandbytes              | LLM.int8 (int8 per row)                   | `save_pretrained` (plain `from_pretrained` reloads it) |
 | `bnb_nf4`          | bitsandbytes              | NF4 in blocks of 64, 2 per byte           | `save_pretrained`                             |
+| `gptq`             | llmcompressor (+ compressed-tensors) | int4 symmetric per group (32/64/128), GPTQ-calibrated, 8 per int32 | compressed-tensors `save_pretrained` (plain `from_pretrained` reloads it) |
+| `awq`              | llmcompressor (+ compressed-tensors) | the same, after AWQ's activation-aware scaling | the same                            |
 
 Every method quantizes the ``nn.Linear`` layers minus ``skip_modules`` (default ``["lm_head"]``);
 embeddings and norms stay in full precision. The in-memory methods change the model in place and
-return it; the ``bnb_*`` methods quantize while loading, so they take the folder of a saved model.
+return it; the ``bnb_*`` methods quantize while loading, so they take the folder of a saved model, and so
+do ``gptq`` / ``awq``, which also take ``calibration`` (batches of token ids) and need the folder's tokenizer:
+
+    methods.quantize("gptq", "outputs/tiny/pretrain/final", methods.QuantSettings(group_size=32),
+                     calibration=[ids[:4], ids[4:8]])
+
+llm-compressor is an optional install (``LLMC_INSTALL``: its metadata caps transformers at 5.17, below
+lmforge's pin; it runs on 5.24 installed with ``--no-deps``); on a CPU the reloaded compressed-tensors
+layers are dequantized to fp32 at the first forward (no CPU int4 kernel).
 Every save folder holds ``config.json`` and ``quant.json`` (method, settings, library versions).
 
 What runs where (torch 2.13 CPU build, torchao 0.18, optimum-quanto 0.2.7, bitsandbytes 0.50.2,
@@ -102,6 +112,8 @@ class Method:
     from_dir: bool = False
     group_sizes: tuple[int, ...] = ()  # empty: group_size is not a setting of this method
     check: Callable[[], str | None] = lambda: None  # kernel / hardware check once the library imports
+    install: str = INSTALL  # the command that installs `pip`, said when it does not import
+    calibrated: bool = False  # quantize takes (model dir, settings, calibration batches)
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,19 +138,26 @@ def available(name: str) -> str | None:
     try:
         _import(method.package)
     except ImportError as e:
-        return f"{name} needs {method.pip}, which does not import here ({e}); {INSTALL}"
+        return f"{name} needs {method.pip}, which does not import here ({e}); {method.install}"
     return method.check()
 
 
-def quantize(name: str, source: nn.Module | str | Path, settings: QuantSettings | None = None) -> nn.Module:
+def quantize(name: str, source: nn.Module | str | Path, settings: QuantSettings | None = None,
+             calibration: list[torch.Tensor] | None = None) -> nn.Module:
     """Quantize ``source`` (a causal LM, or the folder it was saved to) with method ``name``.
 
     An in-memory model is changed in place and returned; a folder is loaded first. The result is in
     eval mode with gradients off, and remembers how it was made so :func:`save` can write it.
+    ``calibration`` (``gptq``, ``awq`` only): batches of token ids run through the model to calibrate.
     """
     method = get(name)
     settings = settings or QuantSettings()
     problems = _settings_problems(method, settings)
+    if method.calibrated and not calibration:
+        problems.append(f"calibration: {name} calibrates on data; pass calibration=[token id batches] "
+                        "(the quantize stage takes quant.calibration_blocks training blocks)")
+    elif calibration and not method.calibrated:
+        problems.append(f"calibration: {name} does not read calibration data; remove it")
     if problems:
         raise UserError(problems)
     reason = available(name)
@@ -147,7 +166,8 @@ def quantize(name: str, source: nn.Module | str | Path, settings: QuantSettings 
     if method.from_dir:
         if isinstance(source, nn.Module):
             raise UserError(f"{name} quantizes while loading: pass the folder of a saved model, not a model object")
-        model = method.quantize(_model_dir(source), settings)
+        args = (calibration,) if method.calibrated else ()
+        model = method.quantize(_model_dir(source), settings, *args)
     else:
         if not isinstance(source, nn.Module):
             from transformers import AutoModelForCausalLM
@@ -425,6 +445,111 @@ def _bnb_load(path: Path, record: dict) -> nn.Module:
 
 
 # --------------------------------------------------------------------------------------------
+# llm-compressor: GPTQ / AWQ with calibration data (oneshot), saved in compressed-tensors format
+
+
+# llm-compressor's metadata caps transformers (0.14.0.1: <=5.17, every older release lower) below lmforge's pin,
+# so pip refuses it with constraints.txt; installed without its dependencies it runs on transformers 5.24.
+LLMC_VERSION = "0.14.0.1"
+LLMC_INSTALL = f"pip install 'lmforge[gptq]' && pip install --no-deps llmcompressor=={LLMC_VERSION}"
+
+
+def _llmc_quantize(algorithm: str) -> Callable[[Path, QuantSettings, list[torch.Tensor]], nn.Module]:
+    """GPTQ (Hessian-based error correction) or AWQ (activation-aware scaling, then round-to-nearest), both
+    int4 symmetric weights per group of group_size (default 128), activations left in full precision (W4A16)."""
+
+    def run(path: Path, settings: QuantSettings, calibration: list[torch.Tensor]) -> nn.Module:
+        from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+        from llmcompressor import oneshot
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        targets = target_layers(model, settings)
+        group_size = settings.group_size or 128
+        check_group_size(targets, group_size)
+        keep = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in targets]
+        scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+            num_bits=4, type="int", symmetric=True, strategy="group", group_size=group_size))
+        if algorithm == "gptq":
+            from llmcompressor.modifiers.quantization import GPTQModifier
+
+            recipe = [GPTQModifier(config_groups={"group_0": scheme}, ignore=keep)]
+        else:  # AWQ's smoothing searches its scales against the quantization that follows it
+            from llmcompressor.modifiers.quantization import QuantizationModifier
+            from llmcompressor.modifiers.transform.awq import AWQModifier
+
+            recipe = [AWQModifier(), QuantizationModifier(config_groups={"group_0": scheme}, ignore=keep)]
+        try:  # oneshot insists on a processor when given data, though it only saves it
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError):
+            raise UserError(f"{algorithm}: llm-compressor needs the model's tokenizer in {path}") from None
+        batches = [{"input_ids": ids.long(), "attention_mask": torch.ones_like(ids, dtype=torch.long)}
+                   for ids in calibration]
+        loader = torch.utils.data.DataLoader(batches, batch_size=None)
+        with _no_pinned_memory(), _quiet_loguru():
+            oneshot(model=model, processor=tokenizer, dataset=loader, recipe=recipe,
+                    num_calibration_samples=sum(len(b) for b in calibration), log_dir=None)
+        return model
+
+    return run
+
+
+class _no_pinned_memory:
+    """llm-compressor 0.14's AWQ pins its cached activations for faster host-to-GPU copies, unconditionally;
+    on a CPU-only torch pin_memory() raises "Cannot access accelerator device when none is available".
+    Without an accelerator there is no copy to speed up, so pinning is skipped (nothing else changes)."""
+
+    def __enter__(self):
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        self.cls, self.original = IntermediatesCache, IntermediatesCache.__dict__.get("_pin_intermediate")
+        if not torch.accelerator.is_available() and self.original is not None:
+            IntermediatesCache._pin_intermediate = classmethod(lambda cls, value: None)
+        return self
+
+    def __exit__(self, *exc):
+        if self.original is not None:
+            self.cls._pin_intermediate = self.original
+
+
+class _quiet_loguru:
+    """llm-compressor logs every step through loguru ("No accelerator available! Compressing model on CPU
+    instead" once a layer); shown only with `lmforge -v` (LMFORGE_VERBOSE=1, as lmforge.quiet_third_party)."""
+
+    def __enter__(self):
+        from loguru import logger
+
+        if os.environ.get("LMFORGE_VERBOSE", "").lower() not in ("1", "true", "yes"):
+            logger.disable("llmcompressor")
+            logger.disable("compressed_tensors")
+        return self
+
+    def __exit__(self, *exc):
+        from loguru import logger
+
+        logger.enable("llmcompressor")
+        logger.enable("compressed_tensors")
+
+
+def _llmc_save(model: nn.Module, out: Path) -> None:
+    import warnings
+
+    with warnings.catch_warnings():  # oneshot leaves the layers "offloaded" to the CPU they are on: nothing to warn of
+        warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
+        model.save_pretrained(out, save_compressed=True)  # llm-compressor's wrapper: packed int4 + scales
+    recipe = out / "recipe.yaml"  # llm-compressor's modifier recipe; lmforge's stage writes its own recipe.yaml
+    if recipe.is_file():
+        recipe.rename(out / "llmcompressor_recipe.yaml")
+
+
+def _llmc_load(path: Path, record: dict) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    # transformers reads the compressed-tensors quantization_config in config.json (needs compressed-tensors only)
+    return AutoModelForCausalLM.from_pretrained(path, device_map="cpu")
+
+
+# --------------------------------------------------------------------------------------------
 # The registry
 
 _PER_ROW = "one scale per output row"
@@ -449,5 +574,11 @@ METHODS: dict[str, Method] = {
                _bnb_quantize(8), _bnb_save, _bnb_load, from_dir=True),
         Method("bnb_nf4", "bitsandbytes", "bitsandbytes", "NF4 in blocks of 64",
                _bnb_quantize(4), _bnb_save, _bnb_load, from_dir=True),
+        Method("gptq", "llmcompressor", "llmcompressor", "int4 groups of group_size input weights",
+               _llmc_quantize("gptq"), _llmc_save, _llmc_load, from_dir=True, group_sizes=(32, 64, 128),
+               install=LLMC_INSTALL, calibrated=True),
+        Method("awq", "llmcompressor", "llmcompressor", "int4 groups of group_size input weights",
+               _llmc_quantize("awq"), _llmc_save, _llmc_load, from_dir=True, group_sizes=(32, 64, 128),
+               install=LLMC_INSTALL, calibrated=True),
     ]
 }

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -47,12 +48,15 @@ class SlurmConfig:
     time: str = help_field("04:00:00", help="Time limit per job.")
     cpus_per_task: int = help_field(1, help="CPUs per task.")
     mem_per_cpu_gb: int = help_field(2, help="Memory per CPU (GB).")
-    venv_path: str | None = help_field(None, help="Virtual environment to activate in the job (default: none).")
+    venv_path: str | None = help_field(None, help="Virtual environment the jobs activate (its folder or bin/activate); "
+                                       "default: the Python running lmforge (its bin/ first on PATH).")
     sbatch_args: dict[str, str] = help_field({}, help="Extra #SBATCH options, e.g. {account: myacct}.")
 
 
 @dataclasses.dataclass
 class RayConfig:
+    address: str = help_field("auto", help="Ray cluster to run on: auto (RAY_ADDRESS, else the cluster `ray start` "
+                              "began on this machine), host:port of its head, or local (a private Ray for this run).")
     cpus_per_task: int = help_field(1, help="CPUs per Ray task.")
     mem_per_cpu_gb: float = help_field(2, help="Memory per CPU (GB).")
 
@@ -141,13 +145,97 @@ def make_executor(cfg: Config, name: str, pipeline: list, tasks: int, logs: Path
         return SlurmPipelineExecutor(pipeline, tasks=tasks, time=s.time, partition=s.partition,
                                      cpus_per_task=s.cpus_per_task, mem_per_cpu_gb=s.mem_per_cpu_gb,
                                      job_name=f"lmforge-data-{name}", logging_dir=str(logs / name),
-                                     venv_path=s.venv_path, sbatch_args=dict(s.sbatch_args) or None,
-                                     depends=depends, skip_completed=True)
+                                     env_command=_slurm_env_command(s), sbatch_args=dict(s.sbatch_args) or None,
+                                     # datatrove's default qos "normal" would replace a qos given in sbatch_args
+                                     qos=None, depends=depends, skip_completed=True)
+    _ray_connect(ex.ray)
+    return _ray_executor_class()(pipeline, tasks=tasks, workers=ex.workers, logging_dir=str(logs / name),
+                                 cpus_per_task=ex.ray.cpus_per_task, mem_per_cpu_gb=ex.ray.mem_per_cpu_gb,
+                                 depends=depends, skip_completed=True)
+
+
+def _slurm_env_command(s: SlurmConfig) -> str:
+    """The line a job runs before datatrove's `launch_pickled_pipeline`: the recipe's venv, else this Python's.
+
+    datatrove's own ``venv_path`` is sourced as is (it must name bin/activate), and without one the job
+    finds `launch_pickled_pipeline` only if the submitting shell had the venv on PATH. Paths are made
+    absolute: a job starts in the submission directory, but a relative venv must not depend on it."""
+    import shlex
+    import sys
+
+    if s.venv_path:
+        v = Path(s.venv_path).expanduser().resolve()
+        activate = v / "bin" / "activate" if v.is_dir() else v
+        return f"source {shlex.quote(str(activate))}"
+    return f'export PATH={shlex.quote(str(Path(sys.executable).parent))}:"$PATH"'
+
+
+def _ray_connect(rc: RayConfig) -> None:
+    """Connect this process to the Ray cluster once (datatrove's executor expects ``ray.init`` done)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = None if rc.address == "local" else rc.address
+    target = os.environ.get("RAY_ADDRESS") or (address if address != "auto" else None)
+    if address and target and "://" not in target and ":" in target:
+        import socket  # ray.init waits for ever on an address where no Ray listens: look first
+
+        host, port = target.rsplit(":", 1)
+        try:
+            socket.create_connection((host, int(port)), timeout=10).close()
+        except (OSError, ValueError) as e:
+            where = "RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") else "executor.ray.address"
+            raise UserError(f"{where}: no Ray cluster answers at '{target}' ({e}); start one with "
+                            "`ray start --head`, or use ray.address=local for a Ray of this run alone") from None
+    try:
+        ray.init(address=address, log_to_driver=False, logging_level="WARNING", configure_logging=True)
+    except ConnectionError as e:
+        raise UserError(f"executor.ray.address: no Ray cluster at '{rc.address}' ({str(e).splitlines()[0]}); "
+                        "start one with `ray start --head`, set RAY_ADDRESS, or use ray.address=local") from None
+
+
+def _ray_executor_class():
     from datatrove.executor import RayPipelineExecutor
 
-    return RayPipelineExecutor(pipeline, tasks=tasks, workers=ex.workers, logging_dir=str(logs / name),
-                               cpus_per_task=ex.ray.cpus_per_task, mem_per_cpu_gb=ex.ray.mem_per_cpu_gb,
-                               depends=depends, skip_completed=True)
+    class LmforgeRayExecutor(RayPipelineExecutor):
+        """datatrove's Ray executor, stopping instead of waiting forever when a task failed.
+
+        datatrove logs a failed Ray task at debug level and returns; the next executor then polls the
+        unfinished dependency every two minutes without end. Here a run that leaves ranks unfinished raises,
+        naming the task logs; the finished ranks are kept, so ``resume=auto`` reruns only the failed ones.
+        Ray workers start in the directory of their node's `ray start`, not the driver's: each task moves to
+        the driver's working directory first, so recipe paths relative to it mean the same in the tasks."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.driver_cwd = os.getcwd()
+
+        def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1):
+            if os.path.isdir(self.driver_cwd):  # a shared filesystem mounted at the same path
+                os.chdir(self.driver_cwd)
+            return super()._run_for_rank(rank, local_rank, node_rank)
+
+        def run(self):
+            super().run()
+            failed = self.get_incomplete_ranks(range(self.world_size))
+            if not failed:
+                return
+            problems = []  # a UserError in a task (bad input): said plainly, as the local executor does
+            for rank in failed:
+                try:
+                    with self.logging_dir.open(f"logs/task_{rank:05d}.log", "r") as f:
+                        lines = [ln.split("UserError: ", 1)[1].strip() for ln in f if "UserError: " in ln]
+                except OSError:
+                    lines = []
+                problems += [ln for ln in lines[-1:] if ln not in problems]
+            if problems:
+                raise UserError(problems)
+            logs = self.logging_dir.resolve_paths("logs")
+            raise RuntimeError(f"data: {len(failed)} of {self.world_size} Ray tasks failed (ranks {failed[:8]}); "
+                               f"see {logs}/task_*.log, then rerun with resume=auto")
+
+    return LmforgeRayExecutor
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,13 +245,18 @@ def make_executor(cfg: Config, name: str, pipeline: list, tasks: int, logs: Path
 def check(cfg: Config) -> None:
     """Input files exist and have a known type; the executor's tools are installed (`lmforge check`)."""
     expand_sources(cfg.sources)
-    if cfg.executor.kind == "slurm" and shutil.which("sbatch") is None:
-        raise UserError("executor.kind: slurm, but `sbatch` is not on PATH; run on a Slurm login node or use kind: local")
+    if cfg.executor.kind == "slurm":
+        if shutil.which("sbatch") is None:
+            raise UserError("executor.kind: slurm, but `sbatch` is not on PATH; run on a Slurm login node or use kind: local")
+        v = cfg.executor.slurm.venv_path
+        if v and not (Path(v).expanduser() / "bin" / "activate").is_file() and not Path(v).expanduser().is_file():
+            raise UserError(f"executor.slurm.venv_path: '{v}' is neither a virtual environment (no bin/activate) "
+                            "nor an activate script")
     if cfg.executor.kind == "ray":
         try:
             import ray  # noqa: F401
         except ImportError:
-            raise UserError("executor.kind: ray needs Ray; `pip install 'ray[default]'` or use kind: local") from None
+            raise UserError("executor.kind: ray needs Ray; `pip install -e '.[ray]'` or use kind: local") from None
 
 
 def _recipe_key(cfg: Config) -> dict:

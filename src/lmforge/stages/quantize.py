@@ -16,8 +16,9 @@ of what it cost.
   (``quant.qat.scheme``) through the shared training loop (``optim``/``schedule``/``train``/... as in
   pretrain, any accelerate layout), then converted with the PTQ method of the same numerics. The PTQ
   result of that method is added to the comparison, so the report shows what training bought;
-- ``gptq`` / ``awq``: known names, refused with the reason (``gptq_reason``): llm-compressor pins an
-  older transformers than lmforge does and GPTQModel builds CUDA kernels from source.
+- ``gptq`` / ``awq`` (methods of :mod:`lmforge.quant.methods` through llm-compressor): int4 per group,
+  calibrated on ``quant.calibration_blocks`` training blocks; saved in compressed-tensors format, so plain
+  ``AutoModelForCausalLM.from_pretrained`` reloads them (with compressed-tensors installed).
 
 Every result is measured after reloading its saved folder (what a user gets), on the recipe's validation
 blocks, against the fp32 original and a bf16 copy (:mod:`lmforge.quant.report`).
@@ -54,7 +55,7 @@ from lmforge.train.tasks import CausalLM
 
 log = logging.getLogger("lmforge")
 
-SPECIAL = ("prune", "qat", "gptq", "awq")
+SPECIAL = ("prune", "qat")
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth")
 TRAINING_GROUPS = ("optim", "schedule", "train", "eval", "checkpoint")  # read by quant.method qat only
 
@@ -79,11 +80,11 @@ class QATGroup:
 
 @dataclasses.dataclass
 class QuantGroup:
-    method: str = help_field("dynamic_int8", help="The result in final/: a PTQ method, prune or qat (gptq/awq: not available yet).")
+    method: str = help_field("dynamic_int8", help="The result in final/: a PTQ method (gptq/awq included), prune or qat.")
     compare: list[str] = help_field([], help="More methods measured in the report (saved in compare/<name>/).")
-    group_size: int | None = help_field(None, help="Methods with groups (int4_weight_only: 32/64/128, default 128).")
+    group_size: int | None = help_field(None, help="Methods with groups (int4_weight_only, gptq, awq: 32/64/128, default 128).")
     skip_modules: list[str] = help_field(["lm_head"], help="Layers kept in full precision (names, suffixes or globs).")
-    calibration_blocks: int = help_field(16, help="Training blocks run through the model for Wanda scores.")
+    calibration_blocks: int = help_field(16, help="Training blocks run through the model to calibrate: Wanda scores, gptq, awq.")
     prune: PruneGroup = nested(PruneGroup)
     qat: QATGroup = nested(QATGroup)
 
@@ -109,7 +110,10 @@ class QuantGroup:
             if self.group_size is not None and sizes and self.group_size not in sizes:
                 out.append(f"group_size: {n} takes one of {list(sizes)}, got {self.group_size}")
         if self.calibration_blocks < 1:
-            out.append(f"calibration_blocks: must be >= 1, got {self.calibration_blocks}")
+            users = [n for n in chosen if (n in methods.METHODS and methods.get(n).calibrated)
+                     or (n == "prune" and self.prune_settings().needs_calibration)]
+            why = f" ({', '.join(users)} calibrate{'s' if len(users) == 1 else ''} on that many training blocks)" if users else ""
+            out.append(f"calibration_blocks: must be >= 1, got {self.calibration_blocks}{why}")
         if "prune" in chosen:
             out += [f"prune.{p}" for p in self.prune_settings().problems()]
         elif to_dict(self.prune) != to_dict(PruneGroup()):
@@ -200,21 +204,11 @@ def model_folder_problems(name: str) -> list[str]:
     return []
 
 
-def gptq_reason(name: str) -> str:
-    """Why gptq / awq do not run in this version (found 2026-12: llm-compressor 0.14 pins transformers<=5.17
-    while lmforge pins 5.24; GPTQModel 7.7 ships only a source distribution that builds CUDA kernels)."""
-    return (f"quant.method {name}: not available in this version of lmforge (llm-compressor requires "
-            "transformers<=5.17, older than lmforge's pin; GPTQModel builds CUDA kernels from source); use "
-            "int4_weight_only, quanto_int4 or bnb_nf4 (post-training) or qat (quantization-aware training)")
-
-
 def check(cfg: Config) -> None:
     """`lmforge check`: every chosen method can run here (library, hardware)."""
     problems = []
     for name in [cfg.quant.method, *cfg.quant.compare]:
-        if name in ("gptq", "awq"):
-            problems.append(gptq_reason(name))
-        elif name in methods.METHODS:
+        if name in methods.METHODS:
             reason = methods.available(name)
             if reason:
                 problems.append(f"quant: {reason}")
@@ -280,7 +274,7 @@ def weight_bytes(folder: Path | None) -> int:
 
 
 def default_group_size(name: str) -> int:
-    return 128 if name == "int4_weight_only" else 32
+    return 128 if name in ("int4_weight_only", "gptq", "awq") else 32
 
 
 def settings_for(cfg: Config, name: str) -> methods.QuantSettings:
@@ -291,10 +285,20 @@ def settings_for(cfg: Config, name: str) -> methods.QuantSettings:
     return qc.settings_for(name)
 
 
-def _ptq(name: str, cfg: Config, original: torch.nn.Module, fp32_dir: Path, folder: Path, tokenizer) -> torch.nn.Module:
+def calibration_batches(cfg: Config, train_ds) -> list[torch.Tensor]:
+    """The first quant.calibration_blocks training blocks, in batches of measure.batch_size (Wanda, gptq, awq)."""
+    n = min(cfg.quant.calibration_blocks, len(train_ds))
+    ids = torch.stack([train_ds[i]["input_ids"] for i in range(n)]).long()
+    return list(ids.split(cfg.measure.batch_size))
+
+
+def _ptq(name: str, cfg: Config, original: torch.nn.Module, fp32_dir: Path, folder: Path, tokenizer,
+         train_ds=None) -> torch.nn.Module:
     settings = settings_for(cfg, name)
-    source = fp32_dir if methods.get(name).from_dir else copy.deepcopy(original)
-    q = methods.quantize(name, source, settings)
+    method = methods.get(name)
+    source = fp32_dir if method.from_dir else copy.deepcopy(original)
+    calibration = calibration_batches(cfg, train_ds) if method.calibrated else None
+    q = methods.quantize(name, source, settings, calibration=calibration)
     with atomic_dir(folder) as tmp:
         methods.save(q, tmp)
         write_extras(tmp, tokenizer, cfg)
@@ -308,9 +312,7 @@ def _prune(cfg: Config, original: torch.nn.Module, train_ds, folder: Path, token
     model = copy.deepcopy(original)
     calibration = None
     if settings.needs_calibration:
-        n = min(cfg.quant.calibration_blocks, len(train_ds))
-        ids = torch.stack([train_ds[i]["input_ids"] for i in range(n)]).long()
-        calibration = list(ids.split(cfg.measure.batch_size))
+        calibration = calibration_batches(cfg, train_ds)
     report = prune.prune(model, settings, calibration)
     with atomic_dir(folder) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -433,9 +435,10 @@ def main(cfg: Config) -> dict[str, Any] | None:
         return None  # post-training methods run on one process
     original.requires_grad_(False)
 
-    fp32_dir = out / ".fp32"  # the from-folder methods (bitsandbytes) quantize while loading a saved model
+    fp32_dir = out / ".fp32"  # the from-folder methods (bitsandbytes, llm-compressor) quantize a saved model
     if any(n in methods.METHODS and methods.get(n).from_dir for n in [qc.method, *compare]):
         original.save_pretrained(fp32_dir, safe_serialization=True)
+        tokenizer.save_pretrained(fp32_dir)  # llm-compressor (gptq, awq) loads the tokenizer beside the model
 
     bench = Bench(cfg, val_ds, original)
     fp32 = measure.parameter_bytes(original)
@@ -462,11 +465,16 @@ def main(cfg: Config) -> dict[str, Any] | None:
                                   sparsity=sparsity, note="zeros stored densely: no smaller, no faster on CPU"))
             del model
             continue
-        elif name in ("gptq", "awq"):
-            raise UserError(gptq_reason(name))
         else:
-            model, kind, label, note = _ptq(name, cfg, original, fp32_dir, folder, tokenizer), "ptq", name, ""
-        rows.append(bench.row(label, kind, model, fp32.layers, folder=folder, note=note))
+            model, kind, label, note = _ptq(name, cfg, original, fp32_dir, folder, tokenizer, train_ds), "ptq", name, ""
+        packed = None
+        if name in methods.METHODS and methods.get(name).calibrated:
+            # compressed-tensors layers hold weight_packed (int4, 8 per int32) until their first forward, which
+            # dequantizes them to fp32 on a CPU (no int4 kernel): 4-bit on disk and when loaded, fp32 while running
+            packed = [n for n, m in model.named_modules() if hasattr(m, "weight_packed")]
+            note = (f"calibrated on {min(qc.calibration_blocks, len(train_ds))} training blocks; "
+                    "dequantized to fp32 at the first forward on CPU")
+        rows.append(bench.row(label, kind, model, fp32.layers, folder=folder, quantized_layers=packed, note=note))
         del model
         gc.collect()
     shutil.rmtree(fp32_dir, ignore_errors=True)
