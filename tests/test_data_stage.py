@@ -250,5 +250,5 @@ def test_cluster_executors_are_wired_from_the_recipe(tmp_path, monkeypatch):
     try:
         import ray  # noqa: F401
     except ImportError:
-        with pytest.raises(UserError, match="pip install 'ray"):
+        with pytest.raises(UserError, match=r"pip install -e '\.\[ray\]'"):
             data_stage.check(cfg)
