@@ -1,7 +1,7 @@
 """Benchmark of the data stage's two hot paths, each against the baseline it replaces, in one process.
 
     .venv/bin/python bench/data.py [--mb 22] [--pairs 700] [--threshold 0.8]
-    .venv/bin/python bench/data.py --corpus docs --threshold 0.7 --near-only --repeat 3 --baseline-rev HEAD
+    .venv/bin/python bench/data.py --corpus docs --threshold 0.7 --near-only --repeat 3 --baseline-rev abf507b
 
 1. MinHash near-dedup: ours (vectorised numpy) vs datatrove's MinHash stages vs datasketch, on a corpus
    of >= 20 MB built from this machine's Python standard-library source (one document per file, long
