@@ -60,7 +60,19 @@ NGRAM, NUM_PERM = 5, 128
 # corpus
 
 
-def stdlib_documents(max_mb: float) -> list[str]:
+PIECE = 32_000  # characters per document cut from a long file
+
+
+def pieces(text: str):
+    """(index, piece) of a file's text cut into PIECE-character documents, those of >= 50 words."""
+    for i in range(0, len(text), PIECE):
+        piece = text[i : i + PIECE]
+        if len(piece.split()) >= 50:
+            yield i // PIECE, piece
+
+
+def stdlib_named_documents(max_mb: float) -> list[tuple[str, str]]:
+    """(name, text) documents cut from the standard library's .py files, in path order, up to ``max_mb``."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in glob.glob(str(root / "**" / "*.py"), recursive=True) if "site-packages" not in p)
     docs, total = [], 0
@@ -69,14 +81,16 @@ def stdlib_documents(max_mb: float) -> list[str]:
             text = Path(f).read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):
             continue
-        for i in range(0, len(text), 32_000):
-            piece = text[i : i + 32_000]
-            if len(piece.split()) >= 50:
-                docs.append(piece)
-                total += len(piece.encode())
+        for k, piece in pieces(text):
+            docs.append((f"{Path(f).relative_to(root)}#{k}", piece))
+            total += len(piece.encode())
         if total > max_mb * 1e6:
             break
     return docs
+
+
+def stdlib_documents(max_mb: float) -> list[str]:
+    return [text for _, text in stdlib_named_documents(max_mb)]
 
 
 def doc_documents(max_mb: float, seed: int = 0) -> list[str]:
@@ -109,11 +123,9 @@ def doc_documents(max_mb: float, seed: int = 0) -> list[str]:
         seen.add(digest)
         if f.endswith((".html", ".htm")):
             text = html.unescape(tag.sub(" ", text))
-        for i in range(0, len(text), 32_000):
-            piece = text[i : i + 32_000]
-            if len(piece.split()) >= 50:
-                docs.append(piece)
-                total += len(piece.encode())
+        for _, piece in pieces(text):
+            docs.append(piece)
+            total += len(piece.encode())
         if total > max_mb * 1e6:
             break
     return docs

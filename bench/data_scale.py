@@ -22,14 +22,12 @@ publish_rss(largest) / publish_rss(1x), and writes a PNG of both curves. Target 
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import random
 import re
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -38,6 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from data import stdlib_named_documents  # noqa: E402  (bench/data.py: the same corpus, named)
 
 BLOCKS = ("clean", "dedup", "publish")
 WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]{2,}")
@@ -66,25 +67,6 @@ pack: {{block_size: 512, validation_ratio: 0.05, sort_buffer_mb: {sort_mb}}}
 
 # --------------------------------------------------------------------------------------------
 # corpus
-
-
-def stdlib_documents(max_mb: float) -> list[tuple[str, str]]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in glob.glob(str(root / "**" / "*.py"), recursive=True) if "site-packages" not in p)
-    docs, total = [], 0
-    for f in files:
-        try:
-            text = Path(f).read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
-        for i in range(0, len(text), 32_000):
-            piece = text[i : i + 32_000]
-            if len(piece.split()) >= 50:
-                docs.append((f"{Path(f).relative_to(root)}#{i // 32_000}", piece))
-                total += len(piece.encode())
-        if total > max_mb * 1e6:
-            break
-    return docs
 
 
 def edited(text: str, doc: str, copy: int) -> str:
@@ -164,7 +146,7 @@ def main() -> None:
         print("RESULT " + json.dumps(run_block(*args.run_block)))
         return
 
-    base = stdlib_documents(args.mb)
+    base = stdlib_named_documents(args.mb)
     rows = []
     with tempfile.TemporaryDirectory(prefix="lmforge-data-scale-") as tmp:
         for k in args.scales:

@@ -128,9 +128,9 @@ def test_chunked_head_loss_gradients_match_autograd_on_the_whole_logits():
 
 
 def test_the_stage_trains_with_the_fused_loss_to_the_same_student(tmp_path):
+    from conftest import ROOT
     from test_distill import _reset_accelerate
 
-    from conftest import ROOT
     from lmforge.config import load
     from lmforge.stages import distill, pretrain
 

@@ -19,6 +19,8 @@ import time
 import pytest
 from conftest import BIN, ROOT, subprocess_env
 
+from lmforge.train import checkpoint
+
 pytestmark = pytest.mark.layouts
 
 STEPS = 30  # cheap steps (~0.2 s): the margin the kill test needs between its first checkpoint and the end
@@ -106,8 +108,7 @@ def test_a_killed_node_leaves_a_checkpoint_a_fresh_pair_resumes_bitwise(ddp_run,
     procs[1].communicate()
     assert procs[0].returncode != 0, "node 0 finished although its peer was killed"
     assert not (out / "final").exists() and not (out / "summary.json").exists()
-    done = sorted(int(p.name.split("_")[1]) for p in ckpts.iterdir() if p.name.startswith("step_")
-                  and (p / "loop_state.json").exists() and not p.name.endswith(".tmp"))
+    done = [int(p.name.removeprefix("step_")) for p in checkpoint.list_checkpoints(ckpts)]  # complete ones, oldest first
     assert done and done[-1] < STEPS
 
     s = two_nodes("multi_cpu.yaml", out, "checkpoint.save_every=3", "checkpoint.keep_last=2", "resume=auto")

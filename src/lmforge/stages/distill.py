@@ -117,9 +117,9 @@ from lmforge.train.kd_generate import (
     sequence_rows,
 )
 from lmforge.train.kd_task import CACHE_COLUMNS, KD, KDParts
-from lmforge.train.tasks import fused_head
 from lmforge.train.save import gathered_parameters
 from lmforge.train.settings import TrainingRecipe
+from lmforge.train.tasks import fused_head
 
 log = logging.getLogger("lmforge")
 

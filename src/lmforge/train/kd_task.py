@@ -121,7 +121,6 @@ class KD(Task):
         self.projection = projection
         self.parts = parts
         self.teacher_head = None  # train.loss_impl fused_linear_ce: bound to the teacher in bind()
-        self.batch_cache = None
 
     def bind(self, model: torch.nn.Module) -> None:
         super().bind(model)
@@ -131,7 +130,7 @@ class KD(Task):
             self.teacher_head = FusedHead()  # the teacher's final hidden states, without its logits
             self.teacher_head.bind(self.teacher)
 
-    def _fused_loss(self, model, inputs, labels, on_policy: bool) -> dict[str, torch.Tensor]:
+    def _fused_loss(self, model, inputs, batch, on_policy: bool) -> dict[str, torch.Tensor]:
         """``train.loss_impl: fused_linear_ce``: student and teacher run with ``logits_to_keep=1`` and the CE +
         divergence are taken chunk by chunk over the loss tokens (``fused_ce.chunked_head_loss``), so neither
         model's (tokens x vocab) logits exist whole. The same sums as the logits path, to fp32 rounding."""
@@ -139,7 +138,7 @@ class KD(Task):
 
         want_hidden = self.hidden is not None
         h_s, out = self.fused.forward(model, inputs, output_hidden_states=want_hidden)
-        target = next_token_targets(labels)  # (batch, seq)
+        target = next_token_targets(batch["labels"])  # (batch, seq)
         keep = (target != -100).reshape(-1).nonzero().squeeze(1)  # the loss tokens
         flat = lambda t: t.reshape(-1, *t.shape[2:]).index_select(0, keep)  # noqa: E731  (batch, seq, ...) -> (n, ...)
         y, hs = flat(target), flat(h_s)
@@ -152,7 +151,7 @@ class KD(Task):
         vocab = self.vocab
         t_head = self.teacher_head.head if self.teacher_head is not None else None
         if self.cached:
-            cache = {k: flat(self.batch_cache[k]) for k in ("kd_values", "kd_indices", "kd_rest")}
+            cache = {k: flat(batch[k]) for k in ("kd_values", "kd_indices", "kd_rest")}
         take_ce = self.alpha_ce > 0 and not on_policy
 
         def chunk_loss(z, rows):
@@ -207,8 +206,7 @@ class KD(Task):
 
         on_policy = ON_POLICY_KEY in batch  # the completions are the student's own samples: no CE on them
         if self.fused is not None:
-            self.batch_cache = batch if self.cached else None
-            return self._fused_loss(model, inputs, labels, on_policy)
+            return self._fused_loss(model, inputs, batch, on_policy)
         want_hidden = self.hidden is not None
         out = model(**inputs, output_hidden_states=want_hidden)
         logits = out.logits  # (batch, seq, vocab_s)
