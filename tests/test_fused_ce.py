@@ -234,7 +234,8 @@ def test_never_materialises_the_logits():
 
 def test_chunk_size_policy():
     assert choose_chunk_size(2048, 32000) * 32000 * 4 <= DEFAULT_CHUNK_BYTES
-    assert choose_chunk_size(2048, 32000) == 1024  # 1048 rows fit: two balanced chunks
+    assert choose_chunk_size(2048, 32000) == 512  # 64 MiB holds 524 rows: four balanced chunks
+    assert choose_chunk_size(2048, 32000, budget_bytes=128 * 2**20) == 1024  # 1048 rows fit: two chunks
     assert choose_chunk_size(100, 512) == 100  # small problems are one chunk
     assert choose_chunk_size(10, 10**9) == 1  # at least one row
     assert choose_chunk_size(0, 512) == 1

@@ -136,3 +136,39 @@ def test_fused_loss_under_ddp_matches_logits(tmp_path):
     assert s["model_wrapper"] == "DistributedDataParallel" and s["num_processes"] == 2
     assert s["param_digest_per_rank"][0] == s["param_digest_per_rank"][1], "DDP ranks diverged with the fused loss"
     assert ours == pytest.approx(ref, rel=1e-5)
+
+
+MMAP_PROBE = """
+import sys, torch
+from lmforge.train.malloc import mmapped_bytes, set_mmap_threshold
+assert set_mmap_threshold(int(sys.argv[1]))
+before = mmapped_bytes()
+x = torch.ones(1024 * 1024)  # 4 MiB
+print(mmapped_bytes() - before)
+"""
+
+
+def test_mmap_threshold_decides_where_a_large_tensor_lives():
+    from lmforge.train.malloc import mmapped_bytes
+
+    if mmapped_bytes() is None:
+        pytest.skip("the allocator is not glibc >= 2.33 (no mallinfo2 to read the mmapped bytes from)")
+
+    def mapped(kb):
+        r = subprocess.run([str(BIN / "python"), "-c", MMAP_PROBE, str(kb)], capture_output=True, text=True,
+                           env=subprocess_env(), check=True)
+        return int(r.stdout.split()[-1])
+
+    assert mapped(128) >= 4 * 2**20  # above the threshold: its own mapping, returned to the system when freed
+    assert mapped(32 * 1024) < 4 * 2**20  # below it: carved from the heap
+
+
+def test_mmap_threshold_key_reaches_the_allocator_and_is_checked(tmp_path, monkeypatch):
+    import lmforge.train.malloc as malloc
+
+    seen = []
+    monkeypatch.setattr(malloc, "set_mmap_threshold", seen.append)  # the test process keeps glibc's default
+    pretrain_run(tmp_path / "run", "train.max_steps=1", "train.malloc_mmap_threshold_kb=128")
+    assert seen == [128]
+    with pytest.raises(UserError, match="malloc_mmap_threshold_kb: must be in"):
+        load(pretrain.Config, PRETRAIN, [f"output_dir={tmp_path / 'bad'}", "train.malloc_mmap_threshold_kb=65536"])

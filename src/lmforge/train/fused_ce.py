@@ -52,16 +52,17 @@ from lmforge.config import UserError
 log = logging.getLogger("lmforge")
 Batch = dict[str, torch.Tensor]
 
-# The (chunk, V) fp32 logits buffer is the working set; 128 MiB is 1048 rows of a 32k vocabulary
-# or 262 rows of 128k — big enough for efficient matmuls, small next to the (N, V) logits.
-DEFAULT_CHUNK_BYTES = 128 * 2**20
+# The (chunk, V) fp32 logits buffer is the working set; 64 MiB is 524 rows of a 32k vocabulary
+# or 131 rows of 128k — big enough for efficient matmuls (on the AVX2 bench, 4 x 512 at vocab 32k,
+# chunks of 256 to 2048 rows timed within noise of each other), small next to the (N, V) logits.
+DEFAULT_CHUNK_BYTES = 64 * 2**20
 
 
 def choose_chunk_size(n_tokens: int, vocab: int, budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
     """Rows per chunk so that one fp32 (chunk, V) buffer fits in ``budget_bytes``.
 
-    The chunks are balanced (N = 2100 with room for 1048 rows gives 3 chunks of 700, not
-    1048 + 1048 + 4), and there is always at least one row."""
+    The chunks are balanced (N = 1100 with room for 524 rows gives 3 chunks of 367, not
+    524 + 524 + 52), and there is always at least one row."""
     rows = max(1, budget_bytes // (4 * max(vocab, 1)))
     if rows >= n_tokens:
         return max(n_tokens, 1)
