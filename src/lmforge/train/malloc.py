@@ -26,6 +26,11 @@ M_MMAP_THRESHOLD = -3  # glibc malloc.h
 MAX_KB = 32 * 1024  # glibc refuses thresholds above HEAP_MAX_SIZE / 2 (32 MiB on 64-bit)
 
 
+class _Mallinfo2(ctypes.Structure):  # glibc >= 2.33, malloc.h
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
 def _libc():
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -55,10 +60,5 @@ def mmapped_bytes() -> int | None:
     libc = _libc()
     if libc is None or not hasattr(libc, "mallinfo2"):
         return None
-
-    class Mallinfo2(ctypes.Structure):
-        _fields_ = [(name, ctypes.c_size_t) for name in
-                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-    libc.mallinfo2.restype = Mallinfo2
+    libc.mallinfo2.restype = _Mallinfo2
     return int(libc.mallinfo2().hblkhd)
