@@ -81,7 +81,7 @@ def setup(cfg) -> Any:
     if cfg.resume == "auto" and non_empty:
         _check_resume(cfg, out)
     trackers = available_trackers(cfg.log.trackers)
-    if getattr(cfg.train, "malloc_mmap_threshold_kb", None) is not None:  # before the model's weights exist
+    if cfg.train.malloc_mmap_threshold_kb is not None:  # before the model's weights exist
         from lmforge.train.malloc import set_mmap_threshold
 
         set_mmap_threshold(cfg.train.malloc_mmap_threshold_kb)

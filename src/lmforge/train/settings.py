@@ -12,6 +12,7 @@ from lmforge.optim.optimizers import OptimConfig
 from lmforge.optim.schedules import ScheduleConfig
 from lmforge.train.adversarial import AdversarialConfig
 from lmforge.train.ema import EMAConfig
+from lmforge.train.malloc import MAX_KB as MAX_MMAP_THRESHOLD_KB
 from lmforge.train.regularize import CurriculumConfig, DropoutConfig, EarlyStoppingConfig
 from lmforge.train.robust import GradNoiseConfig, StochasticDepthConfig
 
@@ -89,8 +90,8 @@ class TrainConfig:
                        "before its decoder); use loss_impl: logits with objective: mlm")
         if self.loss_chunk_tokens is not None and self.loss_chunk_tokens < 1:
             out.append("loss_chunk_tokens: must be >= 1, or null to size chunks automatically")
-        if self.malloc_mmap_threshold_kb is not None and not 0 <= self.malloc_mmap_threshold_kb <= 32768:
-            out.append(f"malloc_mmap_threshold_kb: must be in [0, 32768] (glibc's limit is 32 MiB), got "
+        if self.malloc_mmap_threshold_kb is not None and not 0 <= self.malloc_mmap_threshold_kb <= MAX_MMAP_THRESHOLD_KB:
+            out.append(f"malloc_mmap_threshold_kb: must be in [0, {MAX_MMAP_THRESHOLD_KB}] (glibc's limit is 32 MiB), got "
                        f"{self.malloc_mmap_threshold_kb}; or null to leave the allocator alone")
         if self.profile_steps < 1:
             out.append("profile_steps: must be >= 1")
